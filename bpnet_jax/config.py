@@ -1,0 +1,394 @@
+"""The experiment config: every key, its default, and validation.
+
+`default_config()` is the schema: the sections of the original experiment spec (trainer,
+dataloader with augmentation and label processor, model, optimizer with its learning-rate
+schedule, loss, inference) holding the public TAO tutorial values (BpNetLite, 3 stages, 256x256,
+L1 5e-4, soft-start 0.05/0.5 from 8e-8 to 2e-5, batch 10). Config files under `configs/` start
+from it and override a few fields. `validate(config)` rejects unknown keys, wrong types and
+impossible values with a one-line `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from bpnet_jax.model import ARCHITECTURES, KERNEL_INITIALIZERS, OUTPUT_STRIDE
+from bpnet_jax.losses import REGULARIZATION_TYPES
+from bpnet_jax.schedules import SCHEDULES
+from bpnet_jax.skeleton import SkeletonError, load_skeleton
+
+AUGMENTATION_MODES = ("person_centric", "standard", "standard_with_fixed_aspect_ratio")
+ASPECT_RATIO_MODES = ("pad_image_input", "adjust_network_input", "None")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Free-form mappings: their keys are the user's (patterns, dataset names, layer paths).
+FREE_FORM = ("optimizer.grad_weights_dict", "dataloader.dataset_config.dataset_specs",
+             "model.layer_widths")
+
+
+class ConfigError(ValueError):
+  """A config key with an unknown name, a wrong type or an impossible value."""
+
+
+def _opt(kind):
+  return config_dict.placeholder(kind)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every config key with its default value (the TAO tutorial's COCO training spec)."""
+  c = ml_collections.ConfigDict()
+
+  c.trainer = dict(
+      checkpoint_n_epoch=5,          # save every N epochs (and at the end)
+      num_epoch=20,
+      summary_every_n_steps=20,      # metrics.jsonl / TensorBoard cadence
+      log_every_n_secs=30,           # progress-bar refresh
+      validation_every_n_epoch=5,    # evaluate on the validation split every N epochs (0: never)
+      max_ckpt_to_keep=100,
+      random_seed=42,
+      pretrained_weights=_opt(str),  # checkpoint (or pruned model dir) to load parameters from
+      load_graph=False,              # True: rebuild the (pruned) architecture stored with it
+      regularize_pruned=False,       # keep weight regularisation when load_graph is True
+      finetuning_config=dict(
+          is_finetune_exp=False,
+          checkpoint_path=_opt(str),
+          ckpt_epoch_num=0,
+      ),
+      use_stagewise_lr_multipliers=True,
+      compute_dtype="float32",       # 'bfloat16': bf16 compute, float32 parameters
+  )
+
+  c.dataloader = dict(
+      batch_size=10,                 # global batch (split over all devices)
+      pose_config=dict(
+          target_shape=[32, 32],     # label grid (H, W): image size / output stride
+          pose_config_path="bpnet_18joints",  # built-in skeleton name or pose config JSON path
+      ),
+      image_config=dict(height=256, width=256, channels=3, image_encoding="jpg"),
+      dataset_config=dict(
+          root_data_path="",
+          train_records_folder_path="",
+          train_records_path=[],
+          val_records_folder_path="",
+          val_records_path=[],
+          dataset_specs={},          # {dataset name: dataset spec JSON path}
+      ),
+      normalization_params=dict(
+          image_scale=[256.0, 256.0, 256.0],   # network input = pixel / scale - offset (RGB)
+          image_offset=[0.5, 0.5, 0.5],
+          mask_scale=[255.0],
+          mask_offset=[0.0],
+      ),
+      augmentation_config=dict(
+          spatial_augmentation_mode="person_centric",
+          spatial_aug_params=dict(
+              flip_lr_prob=0.5,
+              flip_tb_prob=0.0,
+              rotate_deg_max=40.0,
+              rotate_deg_min=-40.0,
+              zoom_prob=0.0,
+              zoom_ratio_min=1.0,
+              zoom_ratio_max=1.0,
+              translate_max_x=40.0,  # pixels of the source image
+              translate_min_x=-40.0,
+              translate_max_y=40.0,
+              translate_min_y=-40.0,
+              use_translate_ratio=False,
+              translate_ratio_max=0.2,
+              translate_ratio_min=-0.2,
+              target_person_scale=0.6,
+          ),
+      ),
+      label_processor_config=dict(
+          paf_gaussian_sigma=0.03,       # unused by the original too; kept for spec parity
+          heatmap_gaussian_sigma=7.0,    # input pixels
+          paf_ortho_dist_thresh=1.0,     # output cells
+      ),
+      shuffle_buffer_size=20000,
+      num_workers=0,                 # host decode workers (0: one per core)
+  )
+
+  c.model = dict(
+      architecture="BpNetLiteModel",
+      backbone_attributes=dict(architecture="vgg", nlayers=19, use_bias=False),
+      stages=3,
+      use_self_attention=False,
+      data_format="channels_last",
+      use_bias=True,
+      regularization_type="l1",
+      kernel_regularization_factor=5e-4,
+      bias_regularization_factor=0.0,
+      kernel_initializer="random_normal",
+      stage1_kernel_sizes=[3, 3, 3],
+      stageT_kernel_sizes=[7, 7, 7, 7, 7],
+      width_multiplier=1.0,          # scales every prunable conv width (tiny test models)
+      layer_widths={},               # {conv path: filters}, e.g. a pruned architecture
+  )
+
+  c.optimizer = dict(
+      momentum=0.9,
+      use_nesterov=False,
+      grad_weights_dict={},          # {glob over parameter paths: LR multiplier}
+      weight_default_value=1.0,
+      learning_rate_schedule=dict(
+          type="softstart_annealing",
+          base_learning_rate=2e-5,
+          min_learning_rate=8e-8,
+          soft_start=0.05,
+          annealing=0.5,
+          # exponential_decay only:
+          learning_rate=2e-5,
+          decay_epochs=17.0,
+          decay_rate=0.333,
+          staircase=True,
+      ),
+  )
+
+  c.loss = dict(
+      focal_loss_params=dict(use_focal_loss=False, alpha=0.1, beta=0.02, bkg_thresh=0.01,
+                             gamma=1.0),
+  )
+
+  c.inference = dict(
+      input_shape=[368, 368],        # (H, W), multiples of 8
+      keep_aspect_ratio_mode="adjust_network_input",
+      output_stage_to_use=_opt(int),  # 1-based; None: last stage
+      output_upsampling_factor=[8, 8],
+      heatmap_threshold=0.1,
+      paf_threshold=0.05,
+      multi_scale_inference=False,
+      scales=[0.5, 1.0, 1.5, 2.0],
+      paf_num_samples=10,            # line-integral samples, endpoints included
+      paf_sample_ratio=0.8,          # a limb needs > ratio * samples above paf_threshold
+      min_parts=4,                   # a person needs at least this many joints
+      min_mean_score=0.4,            # ... and this mean score per joint
+  )
+  return ml_collections.ConfigDict(c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation.
+
+def _type_ok(value, ref) -> bool:
+  if isinstance(ref, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(ref, bool)
+  if isinstance(ref, numbers.Integral):
+    return isinstance(value, numbers.Integral)
+  if isinstance(ref, numbers.Real):
+    return isinstance(value, numbers.Real)
+  if isinstance(ref, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(ref))
+
+
+def _type_name(ref) -> str:
+  if isinstance(ref, bool):
+    return "a bool"
+  if isinstance(ref, numbers.Integral):
+    return "an integer"
+  if isinstance(ref, numbers.Real):
+    return "a number"
+  if isinstance(ref, (list, tuple)):
+    return "a list"
+  return f"a {type(ref).__name__}"
+
+
+def _check_keys_and_types(cfg, ref, prefix, placeholders):
+  for key in cfg.keys():
+    path = f"{prefix}{key}"
+    if key not in ref:
+      raise ConfigError(f"config.{path}: unknown key (valid keys in config.{prefix or ''}: "
+                        f"{sorted(ref.keys())})".replace("config.:", "config:"))
+    value, default = cfg[key], ref[key]
+    if path in FREE_FORM:
+      if not isinstance(value, (dict, ml_collections.ConfigDict)):
+        raise ConfigError(f"config.{path}: expected a mapping, got {value!r}")
+      continue
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{path}: expected a section with keys {sorted(default.keys())},"
+                          f" got {value!r}")
+      _check_keys_and_types(value, default, path + ".", placeholders)
+      continue
+    if path in placeholders:
+      if value is not None and not isinstance(value, placeholders[path]):
+        raise ConfigError(f"config.{path}: expected {placeholders[path].__name__} or None, "
+                          f"got {value!r}")
+      continue
+    if not _type_ok(value, default):
+      raise ConfigError(f"config.{path}: expected {_type_name(default)}, got {value!r}")
+
+
+def _placeholders():
+  """{path: type} of keys whose default is None (they also accept None)."""
+  ref = default_config()
+  out = {}
+
+  def walk(cfg, prefix):
+    for key in cfg.keys():
+      field = cfg.get_ref(key) if not isinstance(cfg[key], ml_collections.ConfigDict) else None
+      if field is None:
+        walk(cfg[key], f"{prefix}{key}.")
+      elif cfg[key] is None:
+        out[f"{prefix}{key}"] = field.get_type()
+  walk(ref, "")
+  return out
+
+
+def validate(config) -> ml_collections.ConfigDict:
+  """Raises ConfigError (one line, naming the key) unless `config` is usable; returns it."""
+  ref = default_config()
+  _check_keys_and_types(config, ref, "", _placeholders())
+
+  def need(ok, key, expected, value=None):
+    if not ok:
+      v = value if value is not None else _get(config, key)
+      raise ConfigError(f"config.{key}: expected {expected}, got {v!r}")
+
+  t, d, m, o, inf = (config.trainer, config.dataloader, config.model, config.optimizer,
+                     config.inference)
+  # Trainer.
+  need(t.num_epoch >= 1, "trainer.num_epoch", "an integer >= 1")
+  need(t.checkpoint_n_epoch >= 1, "trainer.checkpoint_n_epoch", "an integer >= 1")
+  need(t.checkpoint_n_epoch <= t.num_epoch, "trainer.checkpoint_n_epoch",
+       f"at most trainer.num_epoch ({t.num_epoch})")
+  need(t.summary_every_n_steps >= 1, "trainer.summary_every_n_steps", "an integer >= 1")
+  need(t.max_ckpt_to_keep >= 1, "trainer.max_ckpt_to_keep", "an integer >= 1")
+  need(t.validation_every_n_epoch >= 0, "trainer.validation_every_n_epoch", "an integer >= 0")
+  need(t.log_every_n_secs >= 0, "trainer.log_every_n_secs", "a number >= 0")
+  need(t.compute_dtype in COMPUTE_DTYPES, "trainer.compute_dtype", f"one of {COMPUTE_DTYPES}")
+  need(not t.load_graph or t.pretrained_weights, "trainer.load_graph",
+       "False unless trainer.pretrained_weights is set")
+  ft = t.finetuning_config
+  need(not ft.is_finetune_exp or ft.checkpoint_path, "trainer.finetuning_config.checkpoint_path",
+       "a checkpoint path when is_finetune_exp is True")
+  need(ft.ckpt_epoch_num >= 0, "trainer.finetuning_config.ckpt_epoch_num", "an integer >= 0")
+
+  # Data.
+  need(d.batch_size >= 1, "dataloader.batch_size", "an integer >= 1")
+  ic = d.image_config
+  for key in ("height", "width"):
+    v = ic[key]
+    need(v >= OUTPUT_STRIDE and v % OUTPUT_STRIDE == 0, f"dataloader.image_config.{key}",
+         f"a positive multiple of {OUTPUT_STRIDE}")
+  need(ic.channels == 3, "dataloader.image_config.channels", "3 (RGB)")
+  need(ic.image_encoding in ("jpg", "png"), "dataloader.image_config.image_encoding",
+       "'jpg' or 'png'")
+  ts = d.pose_config.target_shape
+  need(len(ts) == 2 and all(isinstance(v, int) and v > 0 for v in ts),
+       "dataloader.pose_config.target_shape", "[height, width] positive integers")
+  need(ts[0] * OUTPUT_STRIDE == ic.height and ts[1] * OUTPUT_STRIDE == ic.width,
+       "dataloader.pose_config.target_shape",
+       f"image size / {OUTPUT_STRIDE} = [{ic.height // OUTPUT_STRIDE}, "
+       f"{ic.width // OUTPUT_STRIDE}] (the model's output stride)")
+  need(isinstance(d.pose_config.pose_config_path, str) and d.pose_config.pose_config_path,
+       "dataloader.pose_config.pose_config_path", "a skeleton name or JSON path")
+  n = d.normalization_params
+  need(len(n.image_scale) == 3 and all(v > 0 for v in n.image_scale),
+       "dataloader.normalization_params.image_scale", "3 positive numbers")
+  need(len(n.image_offset) == 3, "dataloader.normalization_params.image_offset", "3 numbers")
+  need(len(n.mask_scale) == 1 and n.mask_scale[0] > 0,
+       "dataloader.normalization_params.mask_scale", "[one positive number]")
+  need(len(n.mask_offset) == 1, "dataloader.normalization_params.mask_offset", "[one number]")
+  need(d.shuffle_buffer_size >= 0, "dataloader.shuffle_buffer_size", "an integer >= 0")
+  need(d.num_workers >= 0, "dataloader.num_workers", "an integer >= 0")
+  aug = d.augmentation_config
+  need(aug.spatial_augmentation_mode in AUGMENTATION_MODES,
+       "dataloader.augmentation_config.spatial_augmentation_mode", f"one of {AUGMENTATION_MODES}")
+  a = aug.spatial_aug_params
+  pre = "dataloader.augmentation_config.spatial_aug_params."
+  for key in ("flip_lr_prob", "flip_tb_prob", "zoom_prob"):
+    need(0.0 <= a[key] <= 1.0, pre + key, "a probability in [0, 1]")
+  for lo, hi in (("rotate_deg_min", "rotate_deg_max"), ("zoom_ratio_min", "zoom_ratio_max"),
+                 ("translate_min_x", "translate_max_x"), ("translate_min_y", "translate_max_y"),
+                 ("translate_ratio_min", "translate_ratio_max")):
+    need(a[lo] <= a[hi], pre + lo, f"<= {hi} ({a[hi]})")
+  need(a.zoom_ratio_min > 0, pre + "zoom_ratio_min", "a positive number")
+  need(a.target_person_scale > 0, pre + "target_person_scale", "a positive number")
+  lp = d.label_processor_config
+  need(lp.heatmap_gaussian_sigma > 0, "dataloader.label_processor_config.heatmap_gaussian_sigma",
+       "a positive number (input pixels)")
+  need(lp.paf_ortho_dist_thresh > 0, "dataloader.label_processor_config.paf_ortho_dist_thresh",
+       "a positive number (output cells)")
+
+  # Model.
+  need(m.architecture in ARCHITECTURES, "model.architecture", f"one of {ARCHITECTURES}")
+  need(m.backbone_attributes.architecture == "vgg", "model.backbone_attributes.architecture",
+       "'vgg' (the only backbone implemented)")
+  need(m.backbone_attributes.nlayers == 19, "model.backbone_attributes.nlayers", "19 (VGG19)")
+  need(2 <= m.stages <= 7, "model.stages", "an integer in 2..7")
+  need(m.data_format == "channels_last", "model.data_format", "'channels_last' (NHWC)")
+  need(m.regularization_type in REGULARIZATION_TYPES, "model.regularization_type",
+       f"one of {REGULARIZATION_TYPES}")
+  need(m.kernel_regularization_factor >= 0, "model.kernel_regularization_factor", "a number >= 0")
+  need(m.bias_regularization_factor >= 0, "model.bias_regularization_factor", "a number >= 0")
+  need(m.kernel_initializer in KERNEL_INITIALIZERS, "model.kernel_initializer",
+       f"one of {KERNEL_INITIALIZERS}")
+  for key in ("stage1_kernel_sizes", "stageT_kernel_sizes"):
+    v = m[key]
+    need(len(v) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in v),
+         f"model.{key}", "a non-empty list of odd positive kernel sizes")
+  need(m.width_multiplier > 0, "model.width_multiplier", "a positive number")
+  for key, v in m.layer_widths.items():
+    need(isinstance(v, int) and v >= 1, f"model.layer_widths.{key}", "a positive integer", v)
+
+  # Optimizer.
+  need(0 <= o.momentum < 1, "optimizer.momentum", "a number in [0, 1)")
+  need(o.weight_default_value >= 0, "optimizer.weight_default_value", "a number >= 0")
+  for key, v in o.grad_weights_dict.items():
+    need(isinstance(v, numbers.Real) and not isinstance(v, bool) and v >= 0,
+         f"optimizer.grad_weights_dict.{key}", "a multiplier >= 0", v)
+  s = o.learning_rate_schedule
+  pre = "optimizer.learning_rate_schedule."
+  need(s.type in SCHEDULES, pre + "type", f"one of {SCHEDULES}")
+  if s.type == "softstart_annealing":
+    need(s.min_learning_rate > 0, pre + "min_learning_rate", "a positive number")
+    need(s.base_learning_rate >= s.min_learning_rate, pre + "base_learning_rate",
+         f">= min_learning_rate ({s.min_learning_rate})")
+    need(0 <= s.soft_start <= 1, pre + "soft_start", "a number in [0, 1]")
+    need(s.soft_start <= s.annealing <= 1, pre + "annealing",
+         f"a number in [soft_start ({s.soft_start}), 1]")
+  else:
+    need(s.learning_rate > 0, pre + "learning_rate", "a positive number")
+    need(s.decay_epochs > 0, pre + "decay_epochs", "a positive number")
+    need(0 < s.decay_rate <= 1, pre + "decay_rate", "a number in (0, 1]")
+    need(s.min_learning_rate >= 0, pre + "min_learning_rate", "a number >= 0")
+
+  # Loss.
+  fl = config.loss.focal_loss_params
+  need(fl.gamma >= 0, "loss.focal_loss_params.gamma", "a number >= 0")
+
+  # Inference.
+  need(len(inf.input_shape) == 2 and all(isinstance(v, int) and v > 0 and v % OUTPUT_STRIDE == 0
+                                         for v in inf.input_shape),
+       "inference.input_shape", f"[height, width], positive multiples of {OUTPUT_STRIDE}")
+  need(inf.keep_aspect_ratio_mode in ASPECT_RATIO_MODES, "inference.keep_aspect_ratio_mode",
+       f"one of {ASPECT_RATIO_MODES}")
+  need(inf.output_stage_to_use is None or 1 <= inf.output_stage_to_use <= m.stages,
+       "inference.output_stage_to_use", f"None or a stage in 1..{m.stages}")
+  need(len(inf.output_upsampling_factor) == 2 and all(v >= 1 for v in inf.output_upsampling_factor),
+       "inference.output_upsampling_factor", "[fy, fx] >= 1")
+  need(0 <= inf.heatmap_threshold < 1, "inference.heatmap_threshold", "a number in [0, 1)")
+  need(-1 <= inf.paf_threshold < 1, "inference.paf_threshold", "a number in [-1, 1)")
+  need(len(inf.scales) >= 1 and all(v > 0 for v in inf.scales), "inference.scales",
+       "a non-empty list of positive numbers")
+  need(inf.paf_num_samples >= 2, "inference.paf_num_samples", "an integer >= 2")
+  need(0 <= inf.paf_sample_ratio <= 1, "inference.paf_sample_ratio", "a number in [0, 1]")
+  need(inf.min_parts >= 1, "inference.min_parts", "an integer >= 1")
+  need(inf.min_mean_score >= 0, "inference.min_mean_score", "a number >= 0")
+
+  try:
+    load_skeleton(d.pose_config.pose_config_path)
+  except SkeletonError as e:
+    raise ConfigError(f"config.dataloader.pose_config.pose_config_path: {e}") from None
+  return config
+
+
+def _get(config, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node

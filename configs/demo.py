@@ -1,0 +1,31 @@
+"""Tiny config for the demo and the tests: the same architecture, 1/8 of the widths, 64x64.
+
+Every prunable conv is 8x narrower (backbone 8..64 channels, stages 16), two stages, and 64x64
+inputs with 8x8 labels (sigma 2 px), so a training step takes well under a second on one CPU core.
+"""
+
+from configs import coco
+
+
+def get_config():
+  config = coco.get_config()
+  config.model.width_multiplier = 0.125
+  config.model.stages = 2
+  config.model.stageT_kernel_sizes = [3, 3, 3]
+  config.dataloader.batch_size = 8
+  config.dataloader.image_config.height = 64
+  config.dataloader.image_config.width = 64
+  config.dataloader.pose_config.target_shape = [8, 8]
+  config.dataloader.label_processor_config.heatmap_gaussian_sigma = 2.0
+  config.dataloader.shuffle_buffer_size = 256
+  config.trainer.num_epoch = 4
+  config.trainer.checkpoint_n_epoch = 2
+  config.trainer.summary_every_n_steps = 2
+  config.trainer.log_every_n_secs = 1
+  config.trainer.max_ckpt_to_keep = 2
+  config.trainer.use_stagewise_lr_multipliers = True
+  s = config.optimizer.learning_rate_schedule
+  s.base_learning_rate = 1e-2
+  s.min_learning_rate = 1e-4
+  config.inference.input_shape = [64, 64]
+  return config
