@@ -230,7 +230,10 @@ def from_json(data: dict, name: str = "custom", where: str = "<pose config>") ->
                   limbs=tuple(limbs0), flip_pairs=tuple(flips), derived=tuple(derived),
                   coco_keypoints=tuple(coco), supercategory=str(cat.get("supercategory", "person")),
                   category_name=str(cat.get("name", "person")))
-  skel.limb_flip  # Validates that every limb has a mirror under the flip pairs.
+  try:
+    skel.limb_flip  # Every limb needs a mirror limb under the flip pairs.
+  except SkeletonError as e:
+    fail(str(e))
   return skel
 
 

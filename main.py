@@ -1,0 +1,19 @@
+"""Trains BodyPoseNet: python main.py --config=configs/coco.py --workdir=DIR [--config.a.b=v]."""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bpnet_jax import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and the resolved config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  return cli.run_train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
