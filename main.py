@@ -1,5 +1,7 @@
 """Trains BodyPoseNet: python main.py --config=configs/coco.py --workdir=DIR [--config.a.b=v]."""
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -16,4 +18,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.preflight(sys.argv[1:])   # One-line errors for a bad --config / --config.* override.
   app.run(main)

@@ -112,6 +112,23 @@ def cmd_summary(argv):
   print(model_lib.param_table(variables, args.depth))
 
 
+def preflight(argv, command="train"):
+  """Loads --config and its --config.* overrides the way main.py will, so a missing file, an
+  unknown key or a bad value exits with one line instead of a config_flags traceback."""
+  path, overrides, _ = _split_config_args(argv)
+  if path is None:
+    return
+  try:
+    load_config_file(path, overrides)
+  except _user_errors() as e:
+    print(f"bpnet {command}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except Exception as e:   # An exception inside the user's config file itself.
+    print(f"bpnet {command}: error: config file {path!r} failed to load: "
+          f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run_train(config, workdir) -> int:
   """Validates `config` and trains into `workdir`; returns the exit status."""
   from bpnet_jax import config as config_lib
