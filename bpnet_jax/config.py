@@ -107,8 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
           heatmap_gaussian_sigma=7.0,    # input pixels
           paf_ortho_dist_thresh=1.0,     # output cells
       ),
-      shuffle_buffer_size=20000,
-      num_workers=0,                 # host decode workers (0: one per core)
+      shuffle_buffer_size=20000,     # records; >= the dataset size shuffles globally, 0 never
+      num_workers=0,                 # host decode processes (0: decode in the main process)
+      max_image_size=[640, 640],     # host canvas (H, W); larger images are shrunk to fit
+      max_people=20,                 # people per record kept (main person first)
   )
 
   c.model = dict(
@@ -295,6 +297,9 @@ def validate(config) -> ml_collections.ConfigDict:
   need(len(n.mask_offset) == 1, "dataloader.normalization_params.mask_offset", "[one number]")
   need(d.shuffle_buffer_size >= 0, "dataloader.shuffle_buffer_size", "an integer >= 0")
   need(d.num_workers >= 0, "dataloader.num_workers", "an integer >= 0")
+  need(len(d.max_image_size) == 2 and all(isinstance(v, int) and v >= 8 for v in d.max_image_size),
+       "dataloader.max_image_size", "[height, width] integers >= 8")
+  need(d.max_people >= 1, "dataloader.max_people", "an integer >= 1")
   aug = d.augmentation_config
   need(aug.spatial_augmentation_mode in AUGMENTATION_MODES,
        "dataloader.augmentation_config.spatial_augmentation_mode", f"one of {AUGMENTATION_MODES}")
