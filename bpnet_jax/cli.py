@@ -22,8 +22,17 @@ USER_ERRORS = (UserError,)
 
 def _user_errors():
   from bpnet_jax.config import ConfigError
+  from bpnet_jax.dataset_spec import SpecError
   from bpnet_jax.skeleton import SkeletonError
-  return USER_ERRORS + (ConfigError, SkeletonError)
+  return USER_ERRORS + (ConfigError, SkeletonError, SpecError, FileExistsError,
+                        FileNotFoundError)
+
+
+class _Parser(__import__("argparse").ArgumentParser):
+  """argparse whose errors are one-line UserErrors."""
+
+  def error(self, message):
+    raise UserError(message)
 
 
 def load_config_file(path: str, overrides=()) -> ml_collections.ConfigDict:
@@ -90,9 +99,8 @@ def _split_config_args(argv):
 
 def cmd_summary(argv):
   """bpnet summary --config=FILE [--depth=N]: parameter counts and a per-module table."""
-  import argparse
   path, overrides, rest = _split_config_args(argv)
-  parser = argparse.ArgumentParser(prog="bpnet summary")
+  parser = _Parser(prog="bpnet summary")
   parser.add_argument("--depth", type=int, default=1, help="module path depth of the table")
   args = parser.parse_args(rest)
   if path is None:
@@ -150,9 +158,79 @@ def cmd_train(argv):
     sys.exit(status)
 
 
+def cmd_dataset_convert(argv):
+  """bpnet dataset_convert -d SPEC.json -o OUT -m train|test: COCO JSON -> records (+ masks)."""
+  p = _Parser(prog="bpnet dataset_convert")
+  p.add_argument("-d", "--dataset_spec", required=True, help="dataset spec JSON")
+  p.add_argument("-o", "--output_filename", required=True,
+                 help="output base name; files are OUT-fold-PPP-of-NNN[-shard-...]")
+  p.add_argument("-m", "--mode", default="train", choices=["train", "test"])
+  p.add_argument("-p", "--num_partitions", type=int, default=1)
+  p.add_argument("-s", "--num_shards", type=int, default=0)
+  p.add_argument("--generate_masks", action="store_true",
+                 help="write PNG masks of crowd regions and unlabelled people")
+  p.add_argument("--check_files", action="store_true",
+                 help="drop (and report) images that are missing, do not decode, or lack a mask")
+  p.add_argument("--pose_config", default="bpnet_18joints",
+                 help="skeleton the joints are converted to (name or JSON path)")
+  p.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  a = p.parse_args(argv)
+  if a.num_partitions < 1 or a.num_shards < 0:
+    raise UserError("--num_partitions must be >= 1 and --num_shards >= 0")
+  import glob
+  import logging
+  from bpnet_jax import convert, dataset_spec, skeleton as skeleton_lib
+  logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+  existing = glob.glob(glob.escape(a.output_filename) + "-fold-*") + \
+      glob.glob(glob.escape(a.output_filename) + ".summary.json")
+  if existing and not a.overwrite:
+    raise UserError(f"{existing[0]} already exists (pass --overwrite to replace the outputs)")
+  if a.generate_masks and not a.overwrite:
+    split = dataset_spec.load_spec(a.dataset_spec).split(a.mode)
+    if os.path.isdir(split.masks_dir) and os.listdir(split.masks_dir):
+      raise UserError(f"mask directory {split.masks_dir} is not empty (pass --overwrite to "
+                      "regenerate its masks)")
+  s = convert.convert(a.dataset_spec, a.output_filename, a.mode, a.generate_masks, a.check_files,
+                      a.num_partitions, a.num_shards,
+                      skeleton_lib.load_skeleton(a.pose_config), a.workers or None)
+  print(f"{s['records']} records from {s['images_with_records']} of {s['images']} images "
+        f"({s['persons']} persons, {s['main_persons']} main) -> "
+        f"{', '.join(s['files'])}; skipped: {s['skipped'] or 'none'}; "
+        f"summary: {a.output_filename}.summary.json")
+
+
+def cmd_make_synthetic(argv):
+  """bpnet make_synthetic --out DIR --num_images N --seed S: a synthetic COCO-format dataset."""
+  p = _Parser(prog="bpnet make_synthetic")
+  p.add_argument("--out", required=True)
+  p.add_argument("--num_images", type=int, required=True)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--width", type=int, default=320)
+  p.add_argument("--height", type=int, default=240)
+  p.add_argument("--test_fraction", type=float, default=0.2,
+                 help="share of the images in the test split")
+  p.add_argument("--overwrite", action="store_true")
+  a = p.parse_args(argv)
+  if not 0 <= a.test_fraction < 1:
+    raise UserError(f"--test_fraction must be in [0, 1), got {a.test_fraction}")
+  from bpnet_jax import synthetic
+  try:
+    counts = synthetic.make_synthetic(a.out, a.num_images, a.seed, a.width, a.height,
+                                      a.test_fraction, a.overwrite)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  for split, c in counts.items():
+    print(f"{split}: {c['images']} images, {c['labelled_people']} labelled people, "
+          f"{c['unlabelled_people']} unlabelled, {c['crowd_regions']} crowd regions")
+  print(f"dataset spec: {os.path.join(a.out, 'dataset_spec.json')}")
+
+
 COMMANDS = {
     "summary": cmd_summary,
     "train": cmd_train,
+    "make_synthetic": cmd_make_synthetic,
+    "dataset_convert": cmd_dataset_convert,
 }
 
 

@@ -116,10 +116,10 @@ def dataset_roots(dataset_config) -> dict:
   return {name: load_spec(path).root for name, path in dict(dataset_config.dataset_specs).items()}
 
 
-def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, batch_size: int, seed: int,
+def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, seed: int,
                   shuffle_buffer_size: int, process_index: int = 0, process_count: int = 1,
                   shuffle: bool = True, repeat: bool = True):
-  """grain MapDataset of host batches (dicts of stacked numpy arrays)."""
+  """grain MapDataset of decoded, padded samples (this process's share, shuffled, repeated)."""
   import grain
   from array_record.python import array_record_data_source
   source = array_record_data_source.ArrayRecordDataSource(list(record_paths))
@@ -136,20 +136,24 @@ def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, batch_size
     ds = ds.repeat(None)
   if process_count > 1:
     ds = ds[process_index::process_count]
-  ds = ds.map(decoder)
-  return ds.batch(batch_size, drop_remainder=True)
+  return ds.map(decoder)
 
 
-def make_iterator(ds, num_workers: int = 0, state: Optional[dict] = None):
-  """An iterator over `ds` with `num_workers` decode processes, restored from `state`."""
+def make_iterator(ds, batch_size: int, num_workers: int = 0, state: Optional[dict] = None):
+  """Iterator of batches (dicts of stacked arrays) over `ds`, restored from `state`.
+
+  With workers, samples are decoded in `num_workers` processes and batched in this one: moving
+  single samples between processes is cheaper than moving whole batches.
+  """
   import grain
   from absl import flags
   if not flags.FLAGS.is_parsed():   # grain reads absl flags; library users may not parse any.
     flags.FLAGS.mark_as_parsed()
   it_ds = ds.to_iter_dataset()
   if num_workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-  it = iter(it_ds)
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=max(2, batch_size // num_workers)))
+  it = iter(it_ds.batch(batch_size, drop_remainder=True))
   if state is not None:
     it.set_state(state)
   return it
@@ -162,15 +166,14 @@ def decoder_from_config(config, skeleton) -> DecodeAndPad:
 
 
 def train_dataset_from_config(config, skeleton, process_index: int = 0, process_count: int = 1):
-  """The training MapDataset of per-process batches, from `config.dataloader`."""
+  """The training MapDataset of this process's samples, from `config.dataloader`."""
   d = config.dataloader
   paths = resolve_record_paths(d.dataset_config.train_records_folder_path,
                                d.dataset_config.train_records_path)
   if d.batch_size % process_count:
     raise ValueError(f"dataloader.batch_size {d.batch_size} is not divisible by the "
                      f"{process_count} processes")
-  return build_dataset(paths, decoder_from_config(config, skeleton),
-                       d.batch_size // process_count, config.trainer.random_seed,
+  return build_dataset(paths, decoder_from_config(config, skeleton), config.trainer.random_seed,
                        d.shuffle_buffer_size, process_index, process_count)
 
 

@@ -89,7 +89,7 @@ def _texture(rng, h, w):
 
 def _draw_person(img, mask, pts, height, color):
   """Draws a figure into img and its silhouette into mask (both in place)."""
-  t = max(2, int(round(0.05 * height)))
+  t = max(2, int(round(0.06 * height)))
   torso = np.round(pts[[K["left_shoulder"], K["right_shoulder"], K["right_hip"],
                         K["left_hip"]]]).astype(np.int32)
   head_r = max(2, int(round(0.06 * height)))
@@ -232,9 +232,11 @@ def make_synthetic(out: str, num_images: int, seed: int = 0, width: int = 320,
                                               for a in anns),
                      "crowd_regions": sum(a["iscrowd"] for a in anns)}
   bar.close()
+  # COCO's 32x32 minimum person area, scaled to the synthetic image size.
+  min_size = max(8, int(round(32 * min(width / 640, height / 480))))
   spec = coco_spec_dict(".", ("train", "train_mask", "annotations/person_keypoints_train.json"),
                         ("test", "test_mask", "annotations/person_keypoints_test.json")
-                        if num_test else None)
+                        if num_test else None, min_size=min_size)
   with open(os.path.join(tmp, "dataset_spec.json"), "w") as f:
     json.dump(spec, f, indent=1)
   if os.path.exists(out):

@@ -1,0 +1,16 @@
+"""The benchmark scripts run end to end in their smoke mode (the numbers are not checked)."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_input_pipeline_benchmark_smoke():
+  r = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--smoke"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  for needle in ("host decode+pad", "host grain pipeline", "device augment+targets"):
+    assert needle in r.stdout
