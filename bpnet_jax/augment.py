@@ -252,15 +252,25 @@ def preprocess_sample(key, sample: dict, aug: AugParams, lab: LabelParams, skele
               joints=joints, valid=valid, matrix=m)
 
 
-def make_device_preprocess(aug: AugParams, lab: LabelParams, skeleton: Skeleton):
-  """jit(vmap(preprocess_sample)): (key, host batch) -> dict of batched device arrays."""
-  def one(key, sample):
-    out = preprocess_sample(key, sample, aug, lab, skeleton)
-    return {k: out[k] for k in ("image", "labels", "mask")}
+SAMPLE_FIELDS = ("image", "mask", "size", "joints", "visibility", "centers", "scales",
+                 "num_people")
 
-  @jax.jit
-  def fn(key, batch):
-    keys = jax.random.split(key, batch["image"].shape[0])
-    fields = ("image", "mask", "size", "joints", "visibility", "centers", "scales", "num_people")
-    return jax.vmap(one)(keys, {k: batch[k] for k in fields})
-  return fn
+
+def preprocess_batch(key, batch: dict, aug: AugParams, lab: LabelParams, skeleton: Skeleton,
+                     augment: bool = True) -> dict:
+  """vmap of `preprocess_sample` over a host batch: {'image', 'labels', 'mask'} (B, ...).
+
+  augment=False applies the mode's identity transform (for validation and evaluation).
+  """
+  def one(k, sample):
+    out = preprocess_sample(k, sample, aug, lab, skeleton,
+                            draws=None if augment else identity_draw())
+    return {name: out[name] for name in ("image", "labels", "mask")}
+  keys = jax.random.split(key, batch["image"].shape[0])
+  return jax.vmap(one)(keys, {k: batch[k] for k in SAMPLE_FIELDS})
+
+
+def make_device_preprocess(aug: AugParams, lab: LabelParams, skeleton: Skeleton,
+                           augment: bool = True):
+  """jit(preprocess_batch): (key, host batch) -> dict of batched device arrays."""
+  return jax.jit(lambda key, batch: preprocess_batch(key, batch, aug, lab, skeleton, augment))

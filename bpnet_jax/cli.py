@@ -137,23 +137,40 @@ def preflight(argv, command="train"):
     sys.exit(2)
 
 
-def run_train(config, workdir) -> int:
+def run_train(config, workdir, multihost: bool = False) -> int:
   """Validates `config` and trains into `workdir`; returns the exit status."""
-  from bpnet_jax import config as config_lib
+  import logging
+  from bpnet_jax import config as config_lib, train as train_lib
+  logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+  if not workdir:
+    print("bpnet train: error: --workdir is required", file=sys.stderr)
+    return 2
   try:
+    if multihost:
+      import jax
+      jax.distributed.initialize()
     config_lib.validate(config)
-    raise UserError("training is not implemented yet (it lands with the training issue)")
-  except _user_errors() as e:
+    out = train_lib.train(config, workdir)
+  except _user_errors() + (train_lib.TrainingError,) as e:
     print(f"bpnet train: error: {e}", file=sys.stderr)
     return 2
+  m = out["metrics"]
+  print(f"trained to step {out['step']}/{out['last_step']}"
+        + (f", loss {m['loss']:.5g}" if m else "") + f"; outputs in {workdir}")
+  return 0
 
 
 def cmd_train(argv):
-  """bpnet train --config=FILE --workdir=DIR: same as main.py."""
+  """bpnet train --config=FILE --workdir=DIR [--config.a.b=v]: same as main.py."""
   path, overrides, rest = _split_config_args(argv)
+  p = _Parser(prog="bpnet train")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--multihost", action="store_true",
+                 help="call jax.distributed.initialize() first (one process per host)")
+  a = p.parse_args(rest)
   if path is None:
     raise UserError("--config=FILE is required")
-  status = run_train(load_config_file(path, overrides), None)
+  status = run_train(load_config_file(path, overrides), a.workdir, a.multihost)
   if status:
     sys.exit(status)
 

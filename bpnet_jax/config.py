@@ -64,23 +64,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataloader = dict(
       batch_size=10,                 # global batch (split over all devices)
       pose_config=dict(
-          target_shape=[32, 32],     # label grid (H, W): image size / output stride
+          target_shape=(32, 32),     # label grid (H, W): image size / output stride
           pose_config_path="bpnet_18joints",  # built-in skeleton name or pose config JSON path
       ),
       image_config=dict(height=256, width=256, channels=3, image_encoding="jpg"),
       dataset_config=dict(
           root_data_path="",
           train_records_folder_path="",
-          train_records_path=[],
+          train_records_path=(),
           val_records_folder_path="",
-          val_records_path=[],
+          val_records_path=(),
           dataset_specs={},          # {dataset name: dataset spec JSON path}
       ),
       normalization_params=dict(
-          image_scale=[256.0, 256.0, 256.0],   # network input = pixel / scale - offset (RGB)
-          image_offset=[0.5, 0.5, 0.5],
-          mask_scale=[255.0],
-          mask_offset=[0.0],
+          image_scale=(256.0, 256.0, 256.0),   # network input = pixel / scale - offset (RGB)
+          image_offset=(0.5, 0.5, 0.5),
+          mask_scale=(255.0,),
+          mask_offset=(0.0,),
       ),
       augmentation_config=dict(
           spatial_augmentation_mode="person_centric",
@@ -109,7 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
       ),
       shuffle_buffer_size=20000,     # records; >= the dataset size shuffles globally, 0 never
       num_workers=0,                 # host decode processes (0: decode in the main process)
-      max_image_size=[640, 640],     # host canvas (H, W); larger images are shrunk to fit
+      max_image_size=(640, 640),     # host canvas (H, W); larger images are shrunk to fit
       max_people=20,                 # people per record kept (main person first)
   )
 
@@ -124,8 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
       kernel_regularization_factor=5e-4,
       bias_regularization_factor=0.0,
       kernel_initializer="random_normal",
-      stage1_kernel_sizes=[3, 3, 3],
-      stageT_kernel_sizes=[7, 7, 7, 7, 7],
+      stage1_kernel_sizes=(3, 3, 3),
+      stageT_kernel_sizes=(7, 7, 7, 7, 7),
       width_multiplier=1.0,          # scales every prunable conv width (tiny test models)
       layer_widths={},               # {conv path: filters}, e.g. a pruned architecture
   )
@@ -155,14 +155,14 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
   c.inference = dict(
-      input_shape=[368, 368],        # (H, W), multiples of 8
+      input_shape=(368, 368),        # (H, W), multiples of 8
       keep_aspect_ratio_mode="adjust_network_input",
       output_stage_to_use=_opt(int),  # 1-based; None: last stage
-      output_upsampling_factor=[8, 8],
+      output_upsampling_factor=(8, 8),
       heatmap_threshold=0.1,
       paf_threshold=0.05,
       multi_scale_inference=False,
-      scales=[0.5, 1.0, 1.5, 2.0],
+      scales=(0.5, 1.0, 1.5, 2.0),
       paf_num_samples=10,            # line-integral samples, endpoints included
       paf_sample_ratio=0.8,          # a limb needs > ratio * samples above paf_threshold
       min_parts=4,                   # a person needs at least this many joints

@@ -177,7 +177,7 @@ def train_dataset_from_config(config, skeleton, process_index: int = 0, process_
                        d.shuffle_buffer_size, process_index, process_count)
 
 
-def prefetch_to_device(iterator: Iterator, size: int = 2, sharding=None):
+def prefetch_to_device(iterator: Iterator, size: int = 2, put=None):
   """Yields (device batch, iterator state after it), `size` batches ahead.
 
   A background thread pulls host batches and calls `jax.device_put` (asynchronous), so the
@@ -189,10 +189,7 @@ def prefetch_to_device(iterator: Iterator, size: int = 2, sharding=None):
   lock = threading.Condition()
   done = object()
 
-  def put(batch):
-    return jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, sharding) if sharding is not None else jax.device_put(x),
-        batch)
+  put = put or (lambda batch: jax.tree_util.tree_map(jax.device_put, batch))
 
   def worker():
     try:

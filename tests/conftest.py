@@ -9,3 +9,44 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_records(tmp_path_factory):
+  """A small synthetic dataset converted to records: (data dir, spec path, records dir)."""
+  from bpnet_jax import convert, synthetic
+  root = tmp_path_factory.mktemp("synth_records")
+  data = str(root / "data")
+  synthetic.make_synthetic(data, 20, seed=11, width=160, height=120, test_fraction=0.2,
+                           progress=False)
+  spec = os.path.join(data, "dataset_spec.json")
+  convert.convert(spec, str(root / "records" / "train"), "train", generate_masks=True, workers=1)
+  convert.convert(spec, str(root / "records" / "test"), "test", generate_masks=True, workers=1)
+  return data, spec, str(root / "records")
+
+
+def tiny_train_config(synth, **trainer):
+  """configs/demo.py at 64x64 on the synthetic records (fast to compile and run on CPU)."""
+  from configs import demo
+  data, spec, records = synth
+  c = demo.get_config()
+  d = c.dataloader
+  d.dataset_config.train_records_folder_path = records
+  d.dataset_config.train_records_path = ("train-fold-000-of-001",)
+  d.dataset_config.val_records_folder_path = records
+  d.dataset_config.val_records_path = ("test-fold-000-of-001",)
+  d.dataset_config.dataset_specs = {"coco": spec}
+  d.max_image_size = (120, 160)
+  d.max_people = 8
+  d.image_config.height = d.image_config.width = 64
+  d.pose_config.target_shape = (8, 8)
+  d.label_processor_config.heatmap_gaussian_sigma = 4.0
+  c.inference.input_shape = (64, 64)
+  c.trainer.validation_every_n_epoch = 0
+  c.trainer.log_every_n_secs = 0
+  c.trainer.summary_every_n_steps = 1
+  for k, v in trainer.items():
+    c.trainer[k] = v
+  return c

@@ -1,0 +1,480 @@
+"""Training: one jitted, data-parallel train step; Orbax checkpoints with exact resume; logging.
+
+`train(config, workdir)` trains into workdir:
+  workdir/config.json          the resolved config
+  workdir/checkpoints/<step>/  Orbax: train state (step, params, batch_stats, opt_state, rng) and
+                               the input pipeline's iterator state
+  workdir/metrics.jsonl        a line every summary_every_n_steps (and val_loss when validating)
+  workdir/tensorboard/         the same scalars for TensorBoard
+
+Data parallelism: a 1-D mesh over all devices; the batch is sharded on its leading axis,
+parameters and optimizer state are replicated, and the state buffers are donated. BatchNorm
+statistics are computed over the global batch (XLA inserts the cross-device reductions), as
+single-device training on that batch would. Multi-host: every process runs the same command after
+`jax.distributed.initialize()` (main.py --multihost) and feeds its own slice of the records.
+
+Re-running the same command resumes from the newest readable checkpoint: the step, optimizer,
+RNG and the exact position in the data, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bpnet_jax import augment, config as config_lib, input_pipeline, losses, model as model_lib
+from bpnet_jax import optimizer as optimizer_lib, schedules, skeleton as skeleton_lib
+
+log = logging.getLogger("bpnet.train")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, unusable data or checkpoint); reported in one line."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array          # raw key data; the augmentation key of step s is fold_in(rng, s)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config that the loop needs."""
+  config: Any
+  skeleton: Any
+  model: Any
+  tx: Any
+  schedule: Any
+  mesh: Mesh
+  steps_per_epoch: int
+  last_step: int
+  dataset: Any
+  num_records: int
+
+
+def _steps(config, num_records):
+  global_batch = config.dataloader.batch_size
+  spe = num_records // global_batch
+  if spe < 1:
+    raise TrainingError(f"{num_records} training records are fewer than one batch of "
+                        f"dataloader.batch_size={global_batch}")
+  return spe, spe * config.trainer.num_epoch
+
+
+def make_mesh(devices=None) -> Mesh:
+  return Mesh(np.array(devices if devices is not None else jax.devices()), ("data",))
+
+
+def init_state(config, model, tx_fn, height, width) -> TrainState:
+  """Fresh train state (parameters from the seed); tx_fn(params) -> optax transformation."""
+  rng = jax.random.key(config.trainer.random_seed)
+  variables = model_lib.init_variables(model, rng, height, width)
+  params = variables["params"]
+  tx = tx_fn(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+
+def make_train_step(config, skeleton, model, tx, schedule):
+  """train_step(state, host_batch) -> (state, metrics): augmentation, targets, loss, update."""
+  aug = augment.AugParams.from_config(config.dataloader.augmentation_config)
+  lab = augment.LabelParams.from_config(config)
+  loss_fn_config = losses.loss_from_config(config, skeleton)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    data = augment.preprocess_batch(key, batch, aug, lab, skeleton)
+
+    def loss_fn(params):
+      (heats, pafs), new_vars = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, data["image"], train=True,
+          mutable=["batch_stats"])
+      total, terms = loss_fn_config(params, heats, pafs, data["labels"], data["mask"])
+      return total, (terms, new_vars["batch_stats"])
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(terms, loss=loss, lr=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+  return train_step
+
+
+def make_eval_loss(config, skeleton, model):
+  """eval_loss(state, host_batch) -> loss terms without augmentation (validation)."""
+  aug = augment.AugParams.from_config(config.dataloader.augmentation_config, enabled=False)
+  lab = augment.LabelParams.from_config(config)
+  loss_fn_config = losses.loss_from_config(config, skeleton)
+
+  def eval_loss(state, batch):
+    data = augment.preprocess_batch(jax.random.key(0), batch, aug, lab, skeleton, augment=False)
+    heats, pafs = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              data["image"], train=False)
+    total, terms = loss_fn_config(state.params, heats, pafs, data["labels"], data["mask"])
+    return dict(terms, loss=total)
+  return eval_loss
+
+
+def shard_batch(batch: dict, mesh: Mesh):
+  """Host batch (this process's rows) -> global arrays sharded over the 'data' axis."""
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def jit_train_step(train_step, mesh: Mesh, state_example):
+  replicated = NamedSharding(mesh, P())
+  state_sharding = jax.tree_util.tree_map(lambda _: replicated, state_example)
+  return jax.jit(train_step, in_shardings=(state_sharding, NamedSharding(mesh, P("data"))),
+                 out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def checkpoint_manager(workdir: str, max_to_keep: int):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+      item_names=("state", "data", "meta"))
+
+
+def save_checkpoint(mngr, state: TrainState, data_state, meta: dict):
+  import orbax.checkpoint as ocp
+  mngr.save(int(state.step), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
+      meta=ocp.args.JsonSave(meta)))
+
+
+def restore_latest(mngr, abstract_state):
+  """(state, data_state, meta, step) from the newest readable checkpoint, or None.
+
+  A checkpoint that fails to restore (partially written, files missing or corrupt) is skipped
+  with a warning and the one before it is tried.
+  """
+  import orbax.checkpoint as ocp
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      r = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Any failure means this checkpoint is unusable; try older ones.
+      log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one", step,
+                  type(e).__name__, str(e).splitlines()[0][:200])
+      continue
+    return r["state"], (r["data"] or None), r["meta"], step
+  return None
+
+
+def _find_checkpoint_dir(path: str):
+  """A checkpoint step directory from a workdir, a checkpoints dir or a step dir."""
+  if os.path.isdir(os.path.join(path, "state")):
+    return path
+  for cand in (os.path.join(path, "checkpoints"), path):
+    if os.path.isdir(cand):
+      steps = sorted((int(d) for d in os.listdir(cand) if d.isdigit()), reverse=True)
+      for s in steps:
+        if os.path.isdir(os.path.join(cand, str(s), "state")):
+          return os.path.join(cand, str(s))
+  raise TrainingError(f"{path}: no checkpoint found (expected a workdir, its checkpoints/ "
+                      "directory, or a checkpoint step directory)")
+
+
+def read_checkpoint_state(path: str) -> dict:
+  """The raw saved train state (nested dicts of numpy arrays) of a checkpoint."""
+  import orbax.checkpoint as ocp
+  step_dir = _find_checkpoint_dir(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.restore(os.path.abspath(os.path.join(step_dir, "state")))
+  return tree
+
+
+def load_by_name(target, source, what: str):
+  """Copies every leaf of `source` whose path and shape match into `target`.
+
+  Returns (new target, report) with report = {'loaded': [...], 'missing': [...],
+  'shape_mismatch': [...]} of parameter paths.
+  """
+  flat_src = {model_lib.path_str(p): v for p, v in
+              jax.tree_util.tree_flatten_with_path(source)[0]}
+  report = {"loaded": [], "missing": [], "shape_mismatch": []}
+
+  def pick(path, x):
+    name = model_lib.path_str(path)
+    if name not in flat_src:
+      report["missing"].append(name)
+      return x
+    v = flat_src[name]
+    if tuple(v.shape) != tuple(x.shape):
+      report["shape_mismatch"].append(f"{name} {tuple(v.shape)} vs {tuple(x.shape)}")
+      return x
+    report["loaded"].append(name)
+    return jnp.asarray(v, x.dtype)
+  return jax.tree_util.tree_map_with_path(pick, target), report
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging.
+
+class MetricsLog:
+  """metrics.jsonl lines and TensorBoard scalars (process 0 only)."""
+
+  def __init__(self, workdir: str, resume_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.tb = None
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      # Lines written after the checkpoint we resume from belong to the abandoned run.
+      keep = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= resume_step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
+    self.file = open(self.path, "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
+    except ImportError:
+      log.warning("tensorboardX is not installed: no TensorBoard scalars (metrics.jsonl only)")
+
+  def write(self, step: int, values: dict):
+    if not self.enabled:
+      return
+    self.file.write(json.dumps(dict(step=step, **values)) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)) and k != "epoch":
+          self.tb.add_scalar(k if k in ("lr", "images_per_sec") else f"loss/{k}", v, step)
+      self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.file.close()
+      if self.tb is not None:
+        self.tb.close()
+
+
+def _save_config(config, workdir):
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    old = open(path).read()
+    if old == text:
+      return
+    n = 1
+    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+      n += 1
+    os.replace(path, os.path.join(workdir, f"config.{n}.json"))
+    log.warning("the config differs from the one this workdir last ran with; the old one is "
+                "kept as config.%d.json", n)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+def setup(config, devices=None) -> Setup:
+  config_lib.validate(config)
+  if config.trainer.load_graph:
+    raise TrainingError("trainer.load_graph (retraining a pruned model) needs the pruning "
+                        "feature, which is not implemented yet")
+  sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
+  mesh = make_mesh(devices)
+  n_dev = mesh.devices.size
+  if config.dataloader.batch_size % n_dev:
+    raise TrainingError(f"dataloader.batch_size={config.dataloader.batch_size} is not divisible "
+                        f"by the {n_dev} devices")
+  try:
+    ds = input_pipeline.train_dataset_from_config(config, sk, jax.process_index(),
+                                                  jax.process_count())
+  except (FileNotFoundError, ValueError) as e:
+    raise TrainingError(str(e)) from None
+  d = config.dataloader.dataset_config
+  paths = input_pipeline.resolve_record_paths(d.train_records_folder_path, d.train_records_path)
+  from array_record.python import array_record_data_source
+  num_records = len(array_record_data_source.ArrayRecordDataSource(paths))
+  spe, last = _steps(config, num_records)
+  sched = schedules.from_config(config.optimizer.learning_rate_schedule, spe, last)
+  model = model_lib.build_model(config.model, sk, config.trainer.compute_dtype)
+  return Setup(config, sk, model, None, sched, mesh, spe, last, ds, num_records)
+
+
+def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
+  """Trains (or resumes) into workdir. Returns a summary dict (final step, last metrics)."""
+  os.makedirs(workdir, exist_ok=True)
+  s = setup(config, devices)
+  cfg, t = s.config, s.config.trainer
+  h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
+  main_process = jax.process_index() == 0
+  if main_process:
+    _save_config(cfg, workdir)
+
+  tx_fn = lambda params: optimizer_lib.optimizer_from_config(cfg, params, s.schedule)
+  replicated = NamedSharding(s.mesh, P())
+  with s.mesh:
+    state = jax.jit(lambda: init_state(cfg, s.model, tx_fn, h, w), out_shardings=replicated)()
+  tx = tx_fn(state.params)
+  mngr = checkpoint_manager(workdir, t.max_ckpt_to_keep)
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+  restored = restore_latest(mngr, abstract)
+  data_state = None
+  if restored is not None:
+    state, data_state, meta, step = restored
+    print(f"resuming from checkpoint step {step} (epoch {meta.get('epoch')})", file=sys.stderr)
+  elif t.finetuning_config.is_finetune_exp:
+    tree = read_checkpoint_state(t.finetuning_config.checkpoint_path)
+    state = _state_from_tree(state, tree)
+    state = state.replace(step=jnp.asarray(t.finetuning_config.ckpt_epoch_num * s.steps_per_epoch,
+                                           jnp.int32))
+    print(f"fine-tuning from {t.finetuning_config.checkpoint_path} at epoch "
+          f"{t.finetuning_config.ckpt_epoch_num}", file=sys.stderr)
+  elif t.pretrained_weights:
+    tree = read_checkpoint_state(t.pretrained_weights)
+    params, rp = load_by_name(state.params, tree.get("params", {}), "params")
+    stats, rs = load_by_name(state.batch_stats, tree.get("batch_stats", {}), "batch_stats")
+    state = state.replace(params=jax.device_put(params, replicated),
+                          batch_stats=jax.device_put(stats, replicated),
+                          opt_state=jax.device_put(tx.init(params), replicated))
+    print(f"pretrained weights from {t.pretrained_weights}: loaded {len(rp['loaded'])} params "
+          f"+ {len(rs['loaded'])} batch stats; skipped {len(rp['missing'])} absent "
+          f"(e.g. {rp['missing'][:3]}), {len(rp['shape_mismatch'])} with another shape "
+          f"{rp['shape_mismatch'][:3]}", file=sys.stderr)
+
+  start = int(state.step)
+  train_step = jit_train_step(make_train_step(cfg, s.skeleton, s.model, tx, s.schedule), s.mesh,
+                              state)
+  per_process_batch = cfg.dataloader.batch_size // jax.process_count()
+  it = input_pipeline.make_iterator(s.dataset, per_process_batch, cfg.dataloader.num_workers,
+                                    state=data_state)
+  metrics_log = MetricsLog(workdir, start, enabled=main_process)
+  ckpt_every = t.checkpoint_n_epoch * s.steps_per_epoch
+  bar = None
+  if main_process and progress:
+    from tqdm import tqdm
+    bar = tqdm(total=s.last_step, initial=start, unit="step", file=sys.stderr,
+               mininterval=max(0.1, t.log_every_n_secs), dynamic_ncols=True)
+  last = {}
+  window_start, window_steps = time.perf_counter(), 0
+  val = _validation(cfg, s, workdir) if t.validation_every_n_epoch else None
+  try:
+    batches = input_pipeline.prefetch_to_device(it, 2, lambda b: shard_batch(b, s.mesh))
+    step = start
+    pending = []
+    while step < s.last_step:
+      batch, data_state = next(batches)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      pending.append(metrics)
+      is_ckpt = step % ckpt_every == 0 or step == s.last_step
+      if step % t.summary_every_n_steps == 0 or is_ckpt:
+        values = _mean_metrics(jax.device_get(pending))
+        pending = []
+        if not math.isfinite(values["loss"]):
+          raise TrainingError(
+              f"loss became {values['loss']} at step {step} (epoch {step / s.steps_per_epoch:.2f})"
+              "; stopping without saving. The last good checkpoint is kept; lower the learning "
+              "rate or check the data")
+        now = time.perf_counter()
+        values.update(epoch=round(step / s.steps_per_epoch, 4),
+                      images_per_sec=round(window_steps * cfg.dataloader.batch_size
+                                           / max(now - window_start, 1e-9), 2))
+        window_start, window_steps = now, 0
+        last = values
+        metrics_log.write(step, values)
+        if bar is not None:
+          bar.set_postfix(epoch=f"{values['epoch']:.2f}", loss=f"{values['loss']:.4g}",
+                          lr=f"{values['lr']:.3g}", img_s=f"{values['images_per_sec']:.0f}",
+                          refresh=False)
+      if bar is not None:
+        bar.update(1)
+      if val is not None and step % (t.validation_every_n_epoch * s.steps_per_epoch) == 0:
+        vloss = val(state)
+        metrics_log.write(step, {"epoch": round(step / s.steps_per_epoch, 4),
+                                 "val_loss": vloss})
+      if is_ckpt:
+        save_checkpoint(mngr, state, _jsonable(data_state),
+                        {"epoch": step // s.steps_per_epoch, "steps_per_epoch": s.steps_per_epoch,
+                         "num_records": s.num_records})
+  finally:
+    if bar is not None:
+      bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    metrics_log.close()
+    if hasattr(it, "close"):
+      it.close()
+  return {"step": int(state.step), "last_step": s.last_step, "steps_per_epoch": s.steps_per_epoch,
+          "metrics": last, "state": state}
+
+
+def _jsonable(x):
+  return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+def _mean_metrics(items) -> dict:
+  keys = items[0].keys()
+  return {k: float(np.mean([float(i[k]) for i in items])) for k in keys}
+
+
+def _state_from_tree(state: TrainState, tree: dict) -> TrainState:
+  """A TrainState with every field taken from a raw checkpoint tree of the same structure."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  ref, treedef = jax.tree_util.tree_flatten(state)
+  if len(leaves) != len(ref) or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, ref)):
+    raise TrainingError("the fine-tuning checkpoint does not match this config's model and "
+                        "optimizer (different architecture, widths or stages)")
+  return jax.tree_util.tree_unflatten(
+      treedef, [jax.device_put(jnp.asarray(a, b.dtype), b.sharding) for a, b in zip(leaves, ref)])
+
+
+def _validation(config, s: Setup, workdir):
+  """val(state) -> mean validation loss per image over the validation records, or None."""
+  d = config.dataloader.dataset_config
+  if not d.val_records_path:
+    log.warning("trainer.validation_every_n_epoch is set but dataloader.dataset_config has no "
+                "val_records_path; no validation")
+    return None
+  paths = input_pipeline.resolve_record_paths(d.val_records_folder_path, d.val_records_path)
+  ds = input_pipeline.build_dataset(paths, input_pipeline.decoder_from_config(config, s.skeleton),
+                                    0, 0, jax.process_index(), jax.process_count(),
+                                    shuffle=False, repeat=False)
+  eval_loss = jax.jit(make_eval_loss(config, s.skeleton, s.model))
+  batch = config.dataloader.batch_size // jax.process_count()
+
+  def val(state):
+    it = input_pipeline.make_iterator(ds, batch)
+    total, n = 0.0, 0
+    for b in it:
+      out = eval_loss(state, shard_batch(b, s.mesh))
+      total += float(out["data_loss"]) * config.dataloader.batch_size
+      n += config.dataloader.batch_size
+    return total / max(n, 1)
+  return val
