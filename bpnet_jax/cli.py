@@ -243,7 +243,22 @@ def cmd_make_synthetic(argv):
   print(f"dataset spec: {os.path.join(a.out, 'dataset_spec.json')}")
 
 
+def cmd_demo(argv):
+  """bpnet demo --workdir=DIR: synthetic data -> records -> a short training, in one folder."""
+  p = _Parser(prog="bpnet demo")
+  p.add_argument("--workdir", required=True)
+  a = p.parse_args(argv)
+  import logging
+  from bpnet_jax import demo, train as train_lib
+  logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+  try:
+    demo.run(a.workdir)
+  except train_lib.TrainingError as e:
+    raise UserError(str(e)) from None
+
+
 COMMANDS = {
+    "demo": cmd_demo,
     "summary": cmd_summary,
     "train": cmd_train,
     "make_synthetic": cmd_make_synthetic,

@@ -1,7 +1,7 @@
 """Learning check: the tiny config overfits a small synthetic set until its heatmap peaks sit on
 the true joints.
 
-  python experiments/synthetic_overfit.py [--workdir DIR] [--num_images 12] [--epochs 600]
+  python experiments/synthetic_overfit.py [--workdir DIR] [--num_images 12] [--epochs 400]
 
 Makes a synthetic dataset, converts it, trains `configs/demo.py` on it without augmentation,
 then runs the trained model on the training images (identity transform) and, for every labelled
@@ -44,7 +44,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=None)
   p.add_argument("--num_images", type=int, default=12)
-  p.add_argument("--epochs", type=int, default=600)
+  p.add_argument("--epochs", type=int, default=400)
   p.add_argument("--lr", type=float, default=5e-4)
   a = p.parse_args()
 

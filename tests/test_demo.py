@@ -1,0 +1,18 @@
+import os
+
+from bpnet_jax import demo
+
+
+def test_demo_runs_the_pipeline_into_one_folder(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(demo, "DEMO_IMAGES", 16)
+  monkeypatch.setattr(demo, "DEMO_EPOCHS", 1)
+  assert demo.run(str(tmp_path)) == 0
+  out = capsys.readouterr().out
+  for path in ("data/dataset_spec.json", "data/records/train-fold-000-of-001",
+               "data/records/test-fold-000-of-001", "data/train_mask", "train/config.json",
+               "train/metrics.jsonl", "train/checkpoints"):
+    assert os.path.exists(tmp_path / path), path
+  assert "step" in out and "loss" in out and "validation loss" in out
+  # A second run reuses the data and finds training complete.
+  assert demo.run(str(tmp_path)) == 0
+  assert "[data] 12 train" not in capsys.readouterr().out
