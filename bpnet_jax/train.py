@@ -200,13 +200,20 @@ def _find_checkpoint_dir(path: str):
                       "directory, or a checkpoint step directory)")
 
 
-def read_checkpoint_state(path: str) -> dict:
-  """The raw saved train state (nested dicts of numpy arrays) of a checkpoint."""
+def read_checkpoint_state(path: str, abstract=None):
+  """The saved train state of a checkpoint: raw nested dicts of arrays, or, given an abstract
+  TrainState, a TrainState of that structure (TrainingError if the checkpoint does not fit)."""
   import orbax.checkpoint as ocp
-  step_dir = _find_checkpoint_dir(path)
+  step_dir = os.path.abspath(os.path.join(_find_checkpoint_dir(path), "state"))
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.abspath(os.path.join(step_dir, "state")))
-  return tree
+    if abstract is None:
+      return ckptr.restore(step_dir)
+    try:
+      return ckptr.restore(step_dir, abstract)
+    except (ValueError, KeyError, TypeError) as e:
+      raise TrainingError(f"{path}: the checkpoint does not match this config's model and "
+                          f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                          ) from None
 
 
 def load_by_name(target, source, what: str):
@@ -349,8 +356,7 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
     state, data_state, meta, step = restored
     print(f"resuming from checkpoint step {step} (epoch {meta.get('epoch')})", file=sys.stderr)
   elif t.finetuning_config.is_finetune_exp:
-    tree = read_checkpoint_state(t.finetuning_config.checkpoint_path)
-    state = _state_from_tree(state, tree)
+    state = read_checkpoint_state(t.finetuning_config.checkpoint_path, abstract)
     state = state.replace(step=jnp.asarray(t.finetuning_config.ckpt_epoch_num * s.steps_per_epoch,
                                            jnp.int32))
     print(f"fine-tuning from {t.finetuning_config.checkpoint_path} at epoch "
@@ -442,17 +448,6 @@ def _jsonable(x):
 def _mean_metrics(items) -> dict:
   keys = items[0].keys()
   return {k: float(np.mean([float(i[k]) for i in items])) for k in keys}
-
-
-def _state_from_tree(state: TrainState, tree: dict) -> TrainState:
-  """A TrainState with every field taken from a raw checkpoint tree of the same structure."""
-  leaves = jax.tree_util.tree_leaves(tree)
-  ref, treedef = jax.tree_util.tree_flatten(state)
-  if len(leaves) != len(ref) or any(np.shape(a) != np.shape(b) for a, b in zip(leaves, ref)):
-    raise TrainingError("the fine-tuning checkpoint does not match this config's model and "
-                        "optimizer (different architecture, widths or stages)")
-  return jax.tree_util.tree_unflatten(
-      treedef, [jax.device_put(jnp.asarray(a, b.dtype), b.sharding) for a, b in zip(leaves, ref)])
 
 
 def _validation(config, s: Setup, workdir):

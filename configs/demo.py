@@ -1,7 +1,8 @@
-"""Tiny config for the demo and the tests: the same architecture, 1/8 of the widths, 64x64.
+"""Tiny config for the demo and the tests: the same architecture, 1/8 of the widths, 128x128.
 
-Every prunable conv is 8x narrower (backbone 8..64 channels, stages 16), two stages, and 64x64
-inputs with 8x8 labels (sigma 2 px), so a training step takes well under a second on one CPU core.
+Every prunable conv is 8x narrower (backbone 8..64 channels, stages 16), two stages with 3x3
+refinement kernels, 128x128 inputs with 16x16 labels (sigma 6 px), Glorot initialisation and a
+learning rate suited to the narrow model; a training step of batch 8 takes ~0.1 s on 2 CPU cores.
 """
 
 from configs import coco

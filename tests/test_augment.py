@@ -138,8 +138,8 @@ def test_device_preprocess_batch_ranges_and_single_compile():
   out = fn(jax.random.key(0), batch)
   out2 = fn(jax.random.key(1), batch)
   assert fn._cache_size() == 1
-  assert out["image"].shape == (3, 64, 64, 3) and out["labels"].shape == (3, 8, 8, 57)
-  assert out["mask"].shape == (3, 8, 8, 1)
+  assert out["image"].shape == (3, 128, 128, 3) and out["labels"].shape == (3, 16, 16, 57)
+  assert out["mask"].shape == (3, 16, 16, 1)
   assert float(out["image"].min()) >= -0.5 and float(out["image"].max()) < 0.5
   assert 0 <= float(out["mask"].min()) and float(out["mask"].max()) <= 1
   assert float(out["mask"].min()) < 0.5                     # the masked-out half shows

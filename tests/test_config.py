@@ -42,7 +42,7 @@ def test_variants_override_a_few_fields():
   assert full.model.architecture == "BpNetModel" and full.model.regularization_type == "l2"
   assert full.optimizer.learning_rate_schedule.type == "exponential_decay"
   tiny = validate(demo.get_config())
-  assert tiny.dataloader.image_config.height == 64 and tiny.model.width_multiplier == 0.125
+  assert tiny.dataloader.image_config.height == 128 and tiny.model.width_multiplier == 0.125
 
 
 def _set(path, value):

@@ -215,3 +215,30 @@ def test_command_line_overrides_reach_the_saved_config(synth_records, tmp_path):
   saved = json.load(open(tmp_path / "config.json"))
   assert saved["trainer"]["num_epoch"] == 1 and saved["model"]["use_self_attention"] is True
   assert "trained to step" in out
+
+
+def test_finetuning_starts_from_the_given_checkpoint_and_epoch(trained, synth_records, tmp_path,
+                                                               capsys):
+  _, workdir, out = trained
+  spe = out["steps_per_epoch"]
+  cfg = tiny_train_config(synth_records, num_epoch=2, checkpoint_n_epoch=1)
+  ft = cfg.trainer.finetuning_config
+  ft.is_finetune_exp, ft.checkpoint_path, ft.ckpt_epoch_num = True, \
+      os.path.join(workdir, "checkpoints", str(spe)), 1
+  res = train.train(cfg, str(tmp_path), progress=False)
+  assert "fine-tuning from" in capsys.readouterr().err
+  assert [l["step"] for l in _lines(str(tmp_path))] == list(range(spe + 1, 2 * spe + 1))
+  assert res["step"] == 2 * spe
+
+
+def test_bfloat16_train_steps(synth_records):
+  cfg = tiny_train_config(synth_records, compute_dtype="bfloat16")
+  s = train.setup(cfg, devices=jax.devices()[:1])
+  tx_fn = lambda p: train.optimizer_lib.optimizer_from_config(cfg, p, s.schedule)
+  state = train.init_state(cfg, s.model, tx_fn, 64, 64)
+  step = jax.jit(train.make_train_step(cfg, s.skeleton, s.model, tx_fn(state.params), s.schedule))
+  it = train.input_pipeline.make_iterator(s.dataset, cfg.dataloader.batch_size)
+  for _ in range(2):
+    state, m = step(state, next(it))
+  assert np.isfinite(float(m["loss"])) and int(state.step) == 2
+  assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(state.params))
