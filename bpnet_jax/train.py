@@ -60,7 +60,6 @@ class Setup:
   config: Any
   skeleton: Any
   model: Any
-  tx: Any
   schedule: Any
   mesh: Mesh
   steps_per_epoch: int
@@ -216,7 +215,7 @@ def read_checkpoint_state(path: str, abstract=None):
                           ) from None
 
 
-def load_by_name(target, source, what: str):
+def load_by_name(target, source):
   """Copies every leaf of `source` whose path and shape match into `target`.
 
   Returns (new target, report) with report = {'loaded': [...], 'missing': [...],
@@ -329,7 +328,7 @@ def setup(config, devices=None) -> Setup:
   spe, last = _steps(config, num_records)
   sched = schedules.from_config(config.optimizer.learning_rate_schedule, spe, last)
   model = model_lib.build_model(config.model, sk, config.trainer.compute_dtype)
-  return Setup(config, sk, model, None, sched, mesh, spe, last, ds, num_records)
+  return Setup(config, sk, model, sched, mesh, spe, last, ds, num_records)
 
 
 def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
@@ -363,8 +362,8 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
           f"{t.finetuning_config.ckpt_epoch_num}", file=sys.stderr)
   elif t.pretrained_weights:
     tree = read_checkpoint_state(t.pretrained_weights)
-    params, rp = load_by_name(state.params, tree.get("params", {}), "params")
-    stats, rs = load_by_name(state.batch_stats, tree.get("batch_stats", {}), "batch_stats")
+    params, rp = load_by_name(state.params, tree.get("params", {}))
+    stats, rs = load_by_name(state.batch_stats, tree.get("batch_stats", {}))
     state = state.replace(params=jax.device_put(params, replicated),
                           batch_stats=jax.device_put(stats, replicated),
                           opt_state=jax.device_put(tx.init(params), replicated))
