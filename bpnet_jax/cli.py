@@ -105,13 +105,12 @@ def cmd_summary(argv):
   args = parser.parse_args(rest)
   if path is None:
     raise UserError("--config=FILE is required")
-  import jax
   from bpnet_jax import config as config_lib, model as model_lib, skeleton as skeleton_lib
   config = config_lib.validate(load_config_file(path, overrides))
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
   net = model_lib.build_model(config.model, sk)
   h, w = config.dataloader.image_config.height, config.dataloader.image_config.width
-  variables = jax.eval_shape(lambda: model_lib.init_variables(net, jax.random.key(0), h, w))
+  variables = model_lib.abstract_variables(net, h, w)
   c = model_lib.count_params(variables)
   print(f"{config.model.architecture}, {config.model.stages} stages, skeleton {sk.name} "
         f"({sk.num_joints} joints, {sk.num_limbs} limbs), input {h}x{w}")

@@ -106,12 +106,17 @@ class Branch(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    for name, features, kernel, act in self.convs:
-      y = _activate(nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=self.use_bias,
-                            kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
-                            dtype=self.dtype, name=name)(x), act)
-      x = x * y if name == "attention_conv" else y
-    return x
+    return _conv_stack(x, self.convs, use_bias=self.use_bias, kernel_init=self.kernel_init,
+                       dtype=self.dtype)
+
+
+def _conv_stack(x, convs, **conv_kwargs):
+  """Applies (name, features, kernel, activation) convs in the calling module's scope."""
+  for name, features, kernel, act in convs:
+    y = _activate(nn.Conv(features, (kernel, kernel), padding="SAME",
+                          bias_init=nn.initializers.zeros, name=name, **conv_kwargs)(x), act)
+    x = x * y if name == "attention_conv" else y
+  return x
 
 
 class BpNetLiteModel(nn.Module):
@@ -200,22 +205,17 @@ def _forward(m: BpNetLiteModel, images, train, lite):
       x = jnp.concatenate([feat, heats[-1], pafs[-1]], axis=-1)
     kw = dict(use_bias=m.use_bias, kernel_init=init, dtype=m.dtype)
     if lite:
-      stage = _Stage(trunk_convs=m._trunk(t, w), paf_convs=m._branch(t, "paf", w),
-                     cmap_convs=m._branch(t, "cmap", w), lite=True, last=last,
-                     heat_channels=sk.heat_channels, paf_channels=sk.paf_channels,
-                     name=f"stage{t}", **kw)
+      convs = dict(trunk_convs=m._trunk(t, w), paf_convs=m._branch(t, "paf", w),
+                   cmap_convs=m._branch(t, "cmap", w))
     else:
-      stage = _Stage(trunk_convs=(), paf_convs=m._full_branch(t, "paf_branch", w),
-                     cmap_convs=m._full_branch(t, "heat_branch", w), lite=False, last=last,
-                     heat_channels=sk.heat_channels, paf_channels=sk.paf_channels,
-                     name=f"stage{t}", **kw)
-    heat, paf = stage(x)
+      convs = dict(trunk_convs=(), paf_convs=m._full_branch(t, "paf_branch", w),
+                   cmap_convs=m._full_branch(t, "heat_branch", w))
+    heat, paf = _Stage(lite=lite, last=last, heat_channels=sk.heat_channels,
+                       paf_channels=sk.paf_channels, name=f"stage{t}", **convs, **kw)(x)
     if last:
       # The final stage's outputs live at the top level, named as the exported tensors.
-      heat = nn.Conv(sk.heat_channels, (1, 1), use_bias=m.use_bias, kernel_init=init,
-                     bias_init=nn.initializers.zeros, dtype=m.dtype, name="heatmap_out")(heat)
-      paf = nn.Conv(sk.paf_channels, (1, 1), use_bias=m.use_bias, kernel_init=init,
-                    bias_init=nn.initializers.zeros, dtype=m.dtype, name="paf_out")(paf)
+      heat = _conv_stack(heat, (("heatmap_out", sk.heat_channels, 1, None),), **kw)
+      paf = _conv_stack(paf, (("paf_out", sk.paf_channels, 1, None),), **kw)
     heats.append(heat)
     pafs.append(paf)
   return tuple(heats), tuple(pafs)
@@ -248,9 +248,7 @@ class _Stage(nn.Module):
     if not self.lite:
       return (Branch(self.cmap_convs + heat_out, name="heat_branch", **kw)(x),
               Branch(self.paf_convs + paf_out, name="paf_branch", **kw)(x))
-    for name, features, kernel, act in self.trunk_convs:
-      x = _activate(nn.Conv(features, (kernel, kernel), padding="SAME",
-                            bias_init=nn.initializers.zeros, name=name, **kw)(x), act)
+    x = _conv_stack(x, self.trunk_convs, **kw)    # stage{t}/conv*, directly in the stage scope
     heat = Branch(self.cmap_convs, name="cmap", **kw)(x)
     paf = Branch(self.paf_convs, name="paf", **kw)(x)
     if not self.last:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,16 +67,12 @@ def _is_conv_param(params, path: str) -> bool:
   return "kernel" in node
 
 
-class ScaleByMultipliersState(NamedTuple):
-  pass
-
-
 def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
   """Multiplies each gradient leaf by its fixed multiplier (a pytree matching the params)."""
 
   def init_fn(params):
     del params
-    return ScaleByMultipliersState()
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params

@@ -12,6 +12,7 @@ at least 90% of the joints have a peak in their channel.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -106,8 +107,9 @@ def main():
   found = dists[~np.isnan(dists)]
   mean = float(found.mean()) if len(found) else float("inf")
   within = float(np.mean(np.nan_to_num(dists, nan=np.inf) <= 1.5))
-  curve = [m for m in open(os.path.join(work, "train", "metrics.jsonl"))]
-  first, last = eval(curve[0].replace("null", "None"))["loss"], out["metrics"]["loss"]
+  with open(os.path.join(work, "train", "metrics.jsonl")) as f:
+    first = json.loads(f.readline())["loss"]
+  last = out["metrics"]["loss"]
   print(f"records {len(ds)}, steps {out['step']}, loss {first:.4g} -> {last:.4g}")
   print(f"labelled joints in view: {len(dists)}; with a peak: {len(found)}; "
         f"within 1.5 cells: {within:.1%}")
