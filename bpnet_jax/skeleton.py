@@ -11,6 +11,9 @@ The JSON format extends the original `bpnet_18joints.json`:
                                  (optional; default: zip of `left_*` / `right_*` names)
   categories[0].derived_keypoints  {name: [src_a, src_b]}: joints a dataset lacks, placed at the
                                  midpoint of two joints it has (the neck of COCO)
+  categories[0].non_seeding_limbs  (optional) [start_name, end_name] limbs that may extend a
+                                 person but never start one when decoding (the original: the
+                                 last two limbs, eye->ear; default: none)
   coco_keypoints                 (optional) the COCO-17 names, in COCO order, used by evaluation
 
 Label channel layout (for J joints and L limbs), shared by targets, loss and decoding:
@@ -45,6 +48,7 @@ class Skeleton:
   flip_pairs: tuple[tuple[int, int], ...]   # (left, right) joint indices
   derived: tuple[tuple[int, tuple[int, int]], ...] = ()   # (joint, (src_a, src_b))
   coco_keypoints: tuple[str, ...] = ()
+  non_seeding_limbs: tuple[int, ...] = ()   # limb indices that cannot start a person
   supercategory: str = "person"
   category_name: str = "person"
 
@@ -169,6 +173,8 @@ class Skeleton:
         "flip_pairs": [[self.joints[a], self.joints[b]] for a, b in self.flip_pairs],
         "derived_keypoints": {self.joints[j]: [self.joints[a], self.joints[b]]
                               for j, (a, b) in self.derived},
+        "non_seeding_limbs": [[self.joints[self.limbs[k][0]], self.joints[self.limbs[k][1]]]
+                              for k in self.non_seeding_limbs],
     }
     out = {"pose_config_type": self.name, "categories": [cat]}
     if self.coco_keypoints:
@@ -225,10 +231,19 @@ def from_json(data: dict, name: str = "custom", where: str = "<pose config>") ->
       fail(f"categories[0].derived_keypoints.{n}: expected [joint_a, joint_b]")
     derived.append((idx(n, "derived_keypoints"),
                     (idx(srcs[0], "derived_keypoints"), idx(srcs[1], "derived_keypoints"))))
+  non_seeding = []
+  for i, pair in enumerate(cat.get("non_seeding_limbs") or []):
+    if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+      fail(f"categories[0].non_seeding_limbs[{i}]: expected [start_joint, end_joint]")
+    limb = (idx(pair[0], "non_seeding_limbs"), idx(pair[1], "non_seeding_limbs"))
+    if limb not in limbs0:
+      fail(f"categories[0].non_seeding_limbs[{i}] = {pair!r} is not a limb of the skeleton")
+    non_seeding.append(limbs0.index(limb))
   coco = data.get("coco_keypoints") or ()
   skel = Skeleton(name=str(data.get("pose_config_type", name)), joints=tuple(joints),
                   limbs=tuple(limbs0), flip_pairs=tuple(flips), derived=tuple(derived),
-                  coco_keypoints=tuple(coco), supercategory=str(cat.get("supercategory", "person")),
+                  coco_keypoints=tuple(coco), non_seeding_limbs=tuple(sorted(set(non_seeding))),
+                  supercategory=str(cat.get("supercategory", "person")),
                   category_name=str(cat.get("name", "person")))
   try:
     skel.limb_flip  # Every limb needs a mirror limb under the flip pairs.
