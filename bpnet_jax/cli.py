@@ -23,8 +23,9 @@ USER_ERRORS = (UserError,)
 def _user_errors():
   from bpnet_jax.config import ConfigError
   from bpnet_jax.dataset_spec import SpecError
+  from bpnet_jax.predict import InferenceError
   from bpnet_jax.skeleton import SkeletonError
-  return USER_ERRORS + (ConfigError, SkeletonError, SpecError, FileExistsError,
+  return USER_ERRORS + (ConfigError, SkeletonError, SpecError, InferenceError, FileExistsError,
                         FileNotFoundError)
 
 
@@ -256,12 +257,75 @@ def cmd_demo(argv):
     raise UserError(str(e)) from None
 
 
+def _predictor(command, argv, extra):
+  """Parses --config, --workdir, --model and `extra(parser)` flags; returns (args, predictor)."""
+  path, overrides, rest = _split_config_args(argv)
+  p = _Parser(prog=f"bpnet {command}")
+  p.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint is "
+                 "the model unless --model is given)")
+  p.add_argument("--model", help="checkpoint directory, exported .onnx, or TensorRT .engine")
+  p.add_argument("--results_dir", required=True)
+  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  extra(p)
+  a = p.parse_args(rest)
+  if path is None:
+    raise UserError("--config=FILE is required")
+  import logging
+  from bpnet_jax import config as config_lib, predict
+  logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+  config = config_lib.validate(load_config_file(path, overrides))
+  return a, predict.Predictor.from_path(config, a.model or a.workdir)
+
+
+def cmd_inference(argv):
+  """bpnet inference --config=F --workdir=D --input_type=image|dir|json --input=P --results_dir=R"""
+  def extra(p):
+    p.add_argument("--input_type", required=True, choices=["image", "dir", "json"])
+    p.add_argument("--input", required=True, help="an image, a folder, or a JSON list")
+    p.add_argument("--image_root_path", help="root of relative paths in a JSON input")
+    p.add_argument("--dump_visualizations", action="store_true",
+                   help="also write R/images_annotated/ with the skeletons drawn")
+  from bpnet_jax import inference
+  a, predictor = _predictor("inference", argv, extra)
+  paths = inference.list_inputs(a.input_type, a.input, a.image_root_path)
+  if not paths:
+    raise UserError(f"--input {a.input}: no images found")
+  r = inference.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
+                    progress=not a.no_progress)
+  c = r["counts"]
+  print(f"{c['people']} people in {c['images']} images ({c['skipped']} skipped) -> "
+        f"{os.path.join(a.results_dir, 'detection.json')}")
+
+
+def cmd_evaluate(argv):
+  """bpnet evaluate --config=F --workdir=D --dataset_spec=S.json --results_dir=R: COCO AP/AR"""
+  def extra(p):
+    p.add_argument("--dataset_spec", required=True, help="dataset spec JSON (its test_data)")
+  from bpnet_jax import dataset_spec, evaluate, inference
+  a, predictor = _predictor("evaluate", argv, extra)
+  split = dataset_spec.load_spec(a.dataset_spec).split("test")
+  if not predictor.skeleton.coco_keypoints:
+    raise UserError(f"skeleton {predictor.skeleton.name!r} has no coco_keypoints list; COCO "
+                    "evaluation needs one")
+  inference.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
+                                          "results.csv"), a.overwrite)
+  r = evaluate.evaluate_dataset(predictor, split.annotations, split.images_dir, a.results_dir,
+                                progress=not a.no_progress)
+  m = r["metrics"]
+  print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AR {m['AR']:.4f}  on {r['images']} images "
+        f"({len(r['skipped'])} skipped, {r['people']} people) -> "
+        f"{os.path.join(a.results_dir, 'metrics.json')}")
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "summary": cmd_summary,
     "train": cmd_train,
     "make_synthetic": cmd_make_synthetic,
     "dataset_convert": cmd_dataset_convert,
+    "inference": cmd_inference,
+    "evaluate": cmd_evaluate,
 }
 
 

@@ -50,3 +50,13 @@ def tiny_train_config(synth, **trainer):
   for k, v in trainer.items():
     c.trainer[k] = v
   return c
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(synth_records, tmp_path_factory):
+  """(config, workdir) of a tiny model trained for one epoch (2 steps) on the synthetic data."""
+  from bpnet_jax import train
+  config = tiny_train_config(synth_records, num_epoch=1, checkpoint_n_epoch=1)
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  train.train(config, workdir, progress=False)
+  return config, workdir

@@ -1,0 +1,134 @@
+"""COCO keypoint evaluation: people -> COCO results -> pycocotools COCOeval (OKS AP / AR).
+
+As the original: every image of the annotation file is evaluated, joints map to the COCO-17
+order by name (the 18-joint skeleton's neck is dropped), category 1, COCOeval 'keypoints' with
+its defaults except maxDets = [20]. Unlike the original, coordinates stay float (it truncated
+them to integers, costing AP on small people).
+
+Outputs in results_dir: metrics.json {AP, AP50, AP75, APm, APl, AR, AR50, AR75, ARm, ARl},
+detections_coco.json (COCO results format) and results.csv (metric, IoU, area, maxDets, score).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from typing import Mapping
+
+import numpy as np
+
+from bpnet_jax.skeleton import Skeleton
+
+METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+_CSV_ROWS = (("AP", "0.50:0.95", "all"), ("AP", "0.50", "all"), ("AP", "0.75", "all"),
+             ("AP", "0.50:0.95", "medium"), ("AP", "0.50:0.95", "large"),
+             ("AR", "0.50:0.95", "all"), ("AR", "0.50", "all"), ("AR", "0.75", "all"),
+             ("AR", "0.50:0.95", "medium"), ("AR", "0.50:0.95", "large"))
+MAX_DETS = 20
+
+
+def coco_results(people_by_image: Mapping[int, list], skeleton: Skeleton,
+                 category_id: int = 1) -> list[dict]:
+  """COCO keypoint results: one entry per person, 17 (x, y, v) float triplets, v = 1 when the
+  joint was found (missing joints are 0, 0, 0)."""
+  to_coco = skeleton.to_coco
+  out = []
+  for image_id, people in people_by_image.items():
+    for p in people:
+      kp = np.asarray(p["keypoints"], np.float64)
+      coco = np.zeros((len(to_coco), 3))
+      has = to_coco >= 0
+      src = kp[to_coco[has]]
+      found = src[:, 2] > 0
+      coco[np.flatnonzero(has)[found], :2] = src[found, :2]
+      coco[np.flatnonzero(has)[found], 2] = 1
+      out.append({"image_id": int(image_id), "category_id": category_id,
+                  "keypoints": [round(float(v), 3) for v in coco.ravel()],
+                  "score": float(p["score"])})
+  return out
+
+
+def coco_eval(gt, results: list[dict], verbose: bool = True) -> dict:
+  """COCOeval keypoints of `results` against `gt` (a pycocotools COCO or a JSON path).
+
+  Returns {metric: value} for METRICS; prints pycocotools' table when verbose.
+  """
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  quiet = contextlib.redirect_stdout(io.StringIO())
+  if isinstance(gt, str):
+    with quiet:
+      gt = COCO(gt)
+  if not results:
+    if verbose:
+      print("no detections: every metric is 0")
+    return {m: 0.0 for m in METRICS}
+  with contextlib.redirect_stdout(io.StringIO()):
+    dt = gt.loadRes(results)
+  ev = COCOeval(gt, dt, "keypoints")
+  ev.params.maxDets = [MAX_DETS]
+  with contextlib.redirect_stdout(io.StringIO()):
+    ev.evaluate()
+    ev.accumulate()
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    ev.summarize()
+  if verbose:
+    print(buf.getvalue(), end="")
+  # -1 means "no ground truth in this area range"; report it as 0 like an empty class.
+  return {m: float(max(v, 0.0)) for m, v in zip(METRICS, ev.stats)}
+
+
+def write_results(results_dir: str, metrics: dict, results: list[dict]) -> None:
+  """metrics.json, detections_coco.json and results.csv, each written atomically."""
+  os.makedirs(results_dir, exist_ok=True)
+
+  def put(name, text):
+    path = os.path.join(results_dir, name)
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+
+  put("detections_coco.json", json.dumps(results))
+  put("metrics.json", json.dumps(metrics, indent=1) + "\n")
+  rows = ["metric,IoU,area,maxDets,score"]
+  for (metric, iou, area), name in zip(_CSV_ROWS, METRICS):
+    rows.append(f"{metric},{iou},{area},{MAX_DETS},{metrics[name]:.6f}")
+  put("results.csv", "\n".join(rows) + "\n")
+
+
+def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: str,
+                     progress: bool = True, verbose: bool = True) -> dict:
+  """Runs `predictor` on every image of a COCO keypoint annotation file and evaluates.
+
+  Unreadable images are skipped and counted (their people count as missed). Returns
+  {"metrics", "images", "skipped", "people"}.
+  """
+  from pycocotools.coco import COCO
+  from bpnet_jax.inference import _progress
+  with contextlib.redirect_stdout(io.StringIO()):
+    gt = COCO(annotations)
+  ids = sorted(gt.getImgIds())
+  paths = {i: os.path.join(images_dir, gt.imgs[i]["file_name"]) for i in ids}
+  people_by_image, skipped = {}, []
+  bar = _progress(len(ids), progress)
+  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: _load(paths[i])):
+    bar.update(1)
+    if err is not None:
+      skipped.append(str(err))
+      bar.write(f"warning: skipped {err}")
+      continue
+    people_by_image[image_id] = people
+  bar.close()
+  results = coco_results(people_by_image, predictor.skeleton)
+  metrics = coco_eval(gt, results, verbose)
+  write_results(results_dir, metrics, results)
+  return {"metrics": metrics, "images": len(people_by_image), "skipped": skipped,
+          "people": len(results)}
+
+
+def _load(path):
+  from bpnet_jax.predict import read_image
+  return read_image(path)

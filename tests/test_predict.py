@@ -1,0 +1,168 @@
+"""Predictor: preprocessing geometry of the three aspect modes, multi-scale merging, the
+network call (jitted once per shape), checkpoint/config mismatches."""
+
+import numpy as np
+import pytest
+
+from bpnet_jax import predict, targets
+from bpnet_jax.skeleton import load_skeleton
+from configs import demo
+
+SK = load_skeleton()
+MODES = ("adjust_network_input", "pad_image_input", "None")
+# (height, width) of odd-sized originals: wider, taller and square relative to a 64x96 input.
+SIZES = ((101, 157), (157, 101), (99, 99))
+
+
+def blob_image(h, w, x0, y0, sigma=4.0):
+  ys, xs = np.mgrid[0:h, 0:w]
+  g = np.exp(-((xs - x0) ** 2 + (ys - y0) ** 2) / (2 * sigma ** 2))
+  return np.repeat((40 + 200 * g)[..., None], 3, -1).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", SIZES)
+def test_preprocess_geometry_maps_pixels_back(mode, size):
+  h, w = size
+  x0, y0 = 0.37 * w, 0.61 * h
+  image, g = predict.preprocess(blob_image(h, w, x0, y0), (64, 96), mode)
+  assert image.shape[0] % 8 == 0 and image.shape[1] % 8 == 0 and image.dtype == np.uint8
+  assert image.shape[:2] == g.padded
+  if mode == "adjust_network_input":      # covers the target box, keeps the aspect ratio
+    assert (g.size[0] == 64 and g.size[1] >= 96) or (g.size[1] == 96 and g.size[0] >= 64)
+    assert g.scale[0] == pytest.approx(g.scale[1], rel=0.02)
+  else:
+    assert g.size == (64, 96)
+  if mode == "pad_image_input":           # padding is grey, the value that normalises to 0
+    assert g.offset[0] == 0 or g.offset[1] == 0
+    if max(g.offset) >= 4:
+      assert (image[0, 0] == 128).all()
+  # The blob's centroid in the network input maps back to where it was drawn.
+  v = image[:g.size[0], :g.size[1], 0].astype(np.float64) - 40
+  v[v < 0.5 * v.max()] = 0
+  ys, xs = np.mgrid[0:g.size[0], 0:g.size[1]]
+  c = np.array([(v * xs).sum(), (v * ys).sum()]) / v.sum()
+  np.testing.assert_allclose(g.to_original(c), (x0, y0), atol=0.6 / min(g.scale))
+  np.testing.assert_allclose(g.to_original(g.to_input([[3.2, 7.9]])), [[3.2, 7.9]])
+
+
+def render(joints_in, grid, sigma=7.0):
+  """Ideal (heat, paf) (1, h, w, C) maps for people given in network-input pixels."""
+  joints = np.asarray(joints_in, np.float32)
+  valid = np.ones(joints.shape[:2], bool)
+  hm = np.asarray(targets.heatmaps(joints, valid, grid, 8, sigma))
+  paf = np.asarray(targets.pafs(joints, valid, SK, grid, 8, 1.0))
+  return np.concatenate([hm, 1 - hm.max(-1, keepdims=True)], -1)[None], paf[None]
+
+
+def person(cx, cy, s):
+  from tests.test_postprocess import POSE
+  return np.array([(cx + s * POSE[j][0], cy + s * POSE[j][1]) for j in range(18)])
+
+
+def config_for(mode, shape=(128, 192), scales=(1.0,)):
+  c = demo.get_config()
+  c.inference.input_shape = shape
+  c.inference.keep_aspect_ratio_mode = mode
+  c.inference.multi_scale_inference = len(scales) > 1
+  c.inference.scales = scales
+  return c
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ideal_maps_decode_to_original_pixels(mode):
+  """Maps rendered where the preprocessing puts the people decode to the original pixels."""
+  h, w = 301, 413
+  truth = np.stack([person(120.3, 150.7, 1.3), person(290.6, 160.2, 1.2)])
+  p = predict.Predictor(config_for(mode), backend=None)
+  (_, g), = p.prepare(np.zeros((h, w, 3), np.uint8))
+  grid = (g.padded[0] // 8, g.padded[1] // 8)
+  people = p.finish((render(g.to_input(truth), grid), [g]))
+  assert len(people) == 2
+  got = np.stack(sorted((q["keypoints"] for q in people), key=lambda k: k[1, 0]))
+  # Peaks sit on whole network-input pixels of interpolated maps: within one input pixel.
+  tol = 1.0 / min(g.scale)
+  assert np.abs(got[..., :2] - truth).max() <= tol
+
+
+@pytest.mark.parametrize("mode", ("adjust_network_input", "pad_image_input"))
+def test_multi_scale_maps_are_resampled_onto_the_largest_scale(mode):
+  h, w = 240, 330
+  truth = np.stack([person(110.2, 120.5, 1.0), person(230.8, 118.1, 1.1)])
+  scales = (0.5, 1.0, 1.5)
+  p = predict.Predictor(config_for(mode, (96, 128), scales), backend=None)
+  prepared = p.prepare(np.zeros((h, w, 3), np.uint8))
+  geoms = [g for _, g in prepared]
+  grids = [(g.padded[0] // 8, g.padded[1] // 8) for g in geoms]
+  maps = [render(g.to_input(truth) , grid) for g, grid in zip(geoms, grids)]
+  params = predict.merge_params(geoms, grids[-1], len(geoms) - 1)
+  merge = predict.merge_maps_jit()
+  heat = np.asarray(merge(tuple(m[0] for m in maps), params, grids[-1]))
+  paf = np.asarray(merge(tuple(m[1] for m in maps), params, grids[-1]))
+  # The largest scale's own maps and the merged ones agree where people are.
+  ref = maps[-1][0]
+  peak = ref[0, ..., :18].max(-1) > 0.5
+  assert np.abs(heat[0, ..., :18].max(-1) - ref[0, ..., :18].max(-1))[peak].mean() < 0.2
+  people = p.finish(((heat, paf), [geoms[-1]]))
+  assert len(people) == 2
+  got = np.stack(sorted((q["keypoints"] for q in people), key=lambda k: k[1, 0]))
+  assert np.abs(got[..., :2] - truth).max() <= 2.0
+
+
+def test_real_model_all_modes_and_one_compile_per_shape():
+  import jax
+  from bpnet_jax import model as model_lib
+  c = config_for("adjust_network_input", (64, 96))
+  net = model_lib.build_model(c.model, SK)
+  variables = model_lib.init_variables(net, jax.random.key(0), 64, 64)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 255, (101, 157, 3), np.uint8) for _ in range(3)]
+  p = predict.Predictor.from_variables(c, variables)
+  for im in images:
+    assert isinstance(p.predict(im), list)
+  assert p.backend._forward._cache_size() == 1          # one input shape -> one compilation
+  batch = p.predict_batch(images + [rng.integers(0, 255, (80, 60, 3), np.uint8)])
+  assert len(batch) == 4
+  heat, paf, g = p.maps(images[0])
+  assert heat.shape == (8, 13, 19) and paf.shape == (8, 13, 38) and g.size == (64, 99)
+  # Multi-scale with one repeated scale is the single-scale result.
+  c2 = config_for("pad_image_input", (64, 96), (1.0, 1.0))
+  p2 = predict.Predictor.from_variables(c2, variables)
+  heat2, paf2, _ = p2.maps(images[0])
+  ref = predict.Predictor.from_variables(config_for("pad_image_input", (64, 96)), variables)
+  heat1, paf1, _ = ref.maps(images[0])
+  np.testing.assert_allclose(heat2, heat1, atol=1e-5)
+  np.testing.assert_allclose(paf2, paf1, atol=1e-5)
+
+
+def test_predict_iter_reports_unreadable_images(tmp_path):
+  import jax
+  from bpnet_jax import model as model_lib
+  c = config_for("adjust_network_input", (64, 64))
+  net = model_lib.build_model(c.model, SK)
+  p = predict.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(0), 64, 64))
+  good = tmp_path / "good.png"
+  import cv2
+  cv2.imwrite(str(good), np.full((50, 70, 3), 90, np.uint8))
+  bad = tmp_path / "bad.jpg"
+  bad.write_bytes(b"not a jpeg")
+  out = list(p.predict_iter([str(good), str(bad), str(tmp_path / "missing.png"), str(good)]))
+  assert [o[0] for o in out] == [str(good), str(bad), str(tmp_path / "missing.png"), str(good)]
+  assert [o[2] is None for o in out] == [True, False, False, True]
+  assert "not a readable image" in str(out[1][2]) and "no such file" in str(out[2][2])
+
+
+def test_checkpoint_config_mismatch_is_one_clear_error(trained_workdir):
+  config, workdir = trained_workdir
+  p = predict.Predictor.from_path(config, workdir)
+  assert isinstance(p.predict(np.zeros((70, 90, 3), np.uint8)), list)
+  wrong = config.copy_and_resolve_references()
+  wrong.model.stages = 3
+  with pytest.raises(predict.InferenceError, match="has 2 stages but the config's model has 3"):
+    predict.Predictor.from_path(wrong, workdir)
+  wrong = config.copy_and_resolve_references()
+  wrong.model.width_multiplier = 0.25
+  with pytest.raises(predict.InferenceError, match="does not fit the config's model"):
+    predict.Predictor.from_path(wrong, workdir)
+  with pytest.raises(predict.InferenceError, match="no such model"):
+    predict.Predictor.from_path(config, workdir + "/nope")
