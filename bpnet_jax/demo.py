@@ -4,9 +4,14 @@
               converted records (DIR/data/records/{train,test}-fold-000-of-001) and masks
   DIR/train   a short training run of configs/demo.py (a normal workdir: checkpoints,
               metrics.jsonl, tensorboard/, config.json)
+  DIR/eval    COCO keypoint evaluation on the held-out synthetic split (metrics.json,
+              results.csv, detections_coco.json)
+  DIR/infer   inference on a few synthetic test images and real COCO photos (detection.json,
+              images_annotated/)
 
-Re-running it reuses what is already there (data) and resumes training, so nothing is redone or
-overwritten. Later stages (evaluation, inference, pruning, export) join as they are implemented.
+Re-running it reuses what is already there (data) and resumes training, so nothing is redone;
+DIR/eval and DIR/infer are recomputed from the latest checkpoint. Later stages (pruning,
+export) join as they are implemented.
 """
 
 from __future__ import annotations
@@ -83,6 +88,33 @@ def loss_curve(metrics_path: str, rows: int = 10, width: int = 40) -> str:
   return "\n".join(out)
 
 
+COCO_PHOTOS = os.path.join("tests", "data", "coco_mini", "train2017")
+
+
+def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6) -> dict:
+  """DIR/eval (held-out synthetic split) and DIR/infer (synthetic + real photos)."""
+  from bpnet_jax import dataset_spec, evaluate, inference, predict
+  predictor = predict.Predictor.from_path(cfg, train_dir)
+  split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
+  ev = evaluate.evaluate_dataset(predictor, split.annotations, split.images_dir,
+                                 os.path.join(workdir, "eval"), progress=False, verbose=False)
+  m = ev["metrics"]
+  print(f"[eval] {ev['images']} held-out images, {ev['people']} people found: AP {m['AP']:.3f}, "
+        f"AP50 {m['AP50']:.3f}, AR {m['AR']:.3f} -> {os.path.join(workdir, 'eval')}")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  photos = os.path.join(root, COCO_PHOTOS)
+  paths = sorted(os.path.join(split.images_dir, f) for f in os.listdir(split.images_dir))
+  paths = paths[:num_synthetic]
+  if os.path.isdir(photos):
+    paths += sorted(os.path.join(photos, f) for f in os.listdir(photos))
+  det = inference.run(predictor, paths, os.path.join(workdir, "infer"), dump_visualizations=True,
+                      overwrite=True, progress=False)
+  c = det["counts"]
+  print(f"[infer] {c['people']} people in {c['images']} images -> "
+        f"{os.path.join(workdir, 'infer', 'detection.json')} and images_annotated/")
+  return {"eval": m, "infer": c}
+
+
 def run(workdir: str) -> int:
   from bpnet_jax import train
   t0 = time.time()
@@ -97,10 +129,13 @@ def run(workdir: str) -> int:
   print(f"[train] step {out['step']}/{out['last_step']}, final loss "
         f"{out['metrics'].get('loss', float('nan')):.4g}")
   print(loss_curve(os.path.join(train_dir, "metrics.jsonl")))
+  evaluate_and_infer(cfg, workdir, train_dir)
   print(f"\ndone in {time.time() - t0:.0f} s. Outputs:\n"
         f"  {os.path.join(workdir, 'data')}            synthetic images, COCO JSON, dataset spec, "
         f"records, masks\n"
         f"  {os.path.join(train_dir, 'checkpoints')}  Orbax checkpoints\n"
         f"  {os.path.join(train_dir, 'metrics.jsonl')} metrics; TensorBoard: tensorboard "
-        f"--logdir {os.path.join(train_dir, 'tensorboard')}")
+        f"--logdir {os.path.join(train_dir, 'tensorboard')}\n"
+        f"  {os.path.join(workdir, 'eval')}            COCO keypoint AP/AR on the held-out split\n"
+        f"  {os.path.join(workdir, 'infer')}           detection.json, images_annotated/")
   return 0

@@ -10,9 +10,15 @@ def test_demo_runs_the_pipeline_into_one_folder(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   for path in ("data/dataset_spec.json", "data/records/train-fold-000-of-001",
                "data/records/test-fold-000-of-001", "data/train_mask", "train/config.json",
-               "train/metrics.jsonl", "train/checkpoints"):
+               "train/metrics.jsonl", "train/checkpoints", "eval/metrics.json",
+               "eval/results.csv", "infer/detection.json", "infer/images_annotated"):
     assert os.path.exists(tmp_path / path), path
   assert "step" in out and "loss" in out and "validation loss" in out
+  assert "[eval]" in out and "[infer]" in out
+  import json
+  det = json.load(open(tmp_path / "infer" / "detection.json"))
+  assert det["counts"]["images"] == len(os.listdir(tmp_path / "infer" / "images_annotated")) > 6
+  assert any("coco_mini" in e["file"] for e in det["images"])
   # A second run reuses the data and finds training complete.
   assert demo.run(str(tmp_path)) == 0
   assert "[data] 12 train" not in capsys.readouterr().out
