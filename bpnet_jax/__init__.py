@@ -8,6 +8,7 @@ Library entry points:
   build_optimizer, lr_multipliers, soft_start_annealing, exponential_decay
   make_labels                        training targets (heatmaps, PAFs, background)
   decode                             network maps -> people (post-processing)
+  Predictor                          images -> people with a checkpoint, ONNX model or engine
 
 Nothing here imports TensorFlow or GPU-only packages.
 """
@@ -17,6 +18,7 @@ from bpnet_jax.losses import pose_loss, regularization, stage_losses
 from bpnet_jax.model import (BpNetLiteModel, BpNetModel, build_model, count_params,
                              init_variables, param_table)
 from bpnet_jax.postprocess import decode
+from bpnet_jax.predict import Predictor
 from bpnet_jax.optimizer import build_optimizer, lr_multipliers, optimizer_from_config
 from bpnet_jax.schedules import exponential_decay, soft_start_annealing
 from bpnet_jax.skeleton import Skeleton, load_skeleton
