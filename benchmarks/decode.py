@@ -2,6 +2,7 @@
 
   python benchmarks/decode.py            # all annotated images of tests/data/coco_mini
   python benchmarks/decode.py --smoke    # a handful of images, one repeat (CI)
+  python benchmarks/decode.py --reference_only   # without bpnet_jax.decode
 
 No network is involved: for every image of the COCO annotation file, the ground-truth people
 are rendered into IDEAL network outputs (heatmaps + background and PAFs from
@@ -218,11 +219,7 @@ def main():
   fast = None
   if not a.reference_only:
     try:
-      import bpnet_jax
-      fast = getattr(bpnet_jax, "decode", None)
-      if fast is None or not callable(fast):
-        from bpnet_jax import decode as fast
-      fast = getattr(fast, "decode", fast)        # the submodule, if not re-exported
+      from bpnet_jax import decode as fast
     except ImportError as e:
       sys.exit(f"bpnet_jax.decode is not importable ({e}); use --reference_only")
 

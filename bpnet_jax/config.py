@@ -156,6 +156,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.inference = dict(
       input_shape=(368, 368),        # (H, W), multiples of 8
+      # Network inputs are padded (bottom/right, grey) to multiples of this: fewer distinct
+      # shapes, fewer compilations in adjust_network_input mode. A multiple of 8.
+      input_size_multiple=32,
       keep_aspect_ratio_mode="adjust_network_input",
       output_stage_to_use=_opt(int),  # 1-based; None: last stage
       output_upsampling_factor=(8, 8),
@@ -370,6 +373,10 @@ def validate(config) -> ml_collections.ConfigDict:
   need(len(inf.input_shape) == 2 and all(isinstance(v, int) and v > 0 and v % OUTPUT_STRIDE == 0
                                          for v in inf.input_shape),
        "inference.input_shape", f"[height, width], positive multiples of {OUTPUT_STRIDE}")
+  need(inf.input_size_multiple >= OUTPUT_STRIDE and inf.input_size_multiple % OUTPUT_STRIDE == 0,
+       "inference.input_size_multiple", f"a positive multiple of {OUTPUT_STRIDE}")
+  need(all(isinstance(v, int) for v in inf.output_upsampling_factor),
+       "inference.output_upsampling_factor", "[fy, fx] integers")
   need(inf.keep_aspect_ratio_mode in ASPECT_RATIO_MODES, "inference.keep_aspect_ratio_mode",
        f"one of {ASPECT_RATIO_MODES}")
   need(inf.output_stage_to_use is None or 1 <= inf.output_stage_to_use <= m.stages,

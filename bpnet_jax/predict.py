@@ -400,8 +400,13 @@ class Predictor:
     self.input_shape = tuple(inf.input_shape)
     self.mode = inf.keep_aspect_ratio_mode
     self.scales = sorted(inf.scales) if inf.multi_scale_inference else [1.0]
+    self.multiple = inf.input_size_multiple
     fixed = getattr(backend, "fixed_hw", None)
     if fixed is not None:
+      if fixed[0] % OUTPUT_STRIDE or fixed[1] % OUTPUT_STRIDE:
+        raise InferenceError(f"{name}: the model's fixed input {fixed[0]}x{fixed[1]} is not a "
+                             f"multiple of the stride {OUTPUT_STRIDE}")
+      self.multiple = OUTPUT_STRIDE
       # A fixed-size model (an exported ONNX model or engine): like the original, pad images to
       # its input and run one scale.
       if self.input_shape != tuple(fixed) or self.mode == "adjust_network_input" or \
@@ -454,7 +459,7 @@ class Predictor:
       raise InferenceError(f"expected an (H, W, 3) uint8 RGB image, got {image.dtype} "
                            f"{image.shape}")
     return [preprocess(image, (self.input_shape[0] * s, self.input_shape[1] * s), self.mode,
-                       self.fill) for s in self.scales]
+                       self.fill, self.multiple) for s in self.scales]
 
   def dispatch(self, prepared):
     """Starts the network on one prepared image; returns a handle for `finish` (asynchronous

@@ -121,6 +121,9 @@ def test_real_model_all_modes_and_one_compile_per_shape():
   for im in images:
     assert isinstance(p.predict(im), list)
   assert p.backend._forward._cache_size() == 1          # one input shape -> one compilation
+  # 100x152 resizes to 64x97, 101x157 to 64x99: both pad to 64x128 (input_size_multiple 32).
+  p.predict(rng.integers(0, 255, (100, 152, 3), np.uint8))
+  assert p.backend._forward._cache_size() == 1
   batch = p.predict_batch(images + [rng.integers(0, 255, (80, 60, 3), np.uint8)])
   assert len(batch) == 4
   heat, paf, g = p.maps(images[0])
