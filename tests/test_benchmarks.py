@@ -14,3 +14,12 @@ def test_input_pipeline_benchmark_smoke():
   assert r.returncode == 0, r.stderr[-2000:]
   for needle in ("host decode+pad", "host grain pipeline", "device augment+targets"):
     assert needle in r.stdout
+
+
+def test_decode_benchmark_smoke():
+  r = subprocess.run([sys.executable, "benchmarks/decode.py", "--smoke"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  for needle in ("bpnet_jax.decode (fast)", "reference (original-style)", "speed ratio"):
+    assert needle in r.stdout
