@@ -318,6 +318,52 @@ def cmd_evaluate(argv):
         f"{os.path.join(a.results_dir, 'metrics.json')}")
 
 
+def cmd_prune(argv):
+  """bpnet prune --config=F --workdir=D -o OUT_DIR [-pth 0.1 -n max -eq union -pg 8 -nf 16 -el ..]"""
+  path, overrides, rest = _split_config_args(argv)
+  p = _Parser(prog="bpnet prune")
+  p.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint)")
+  p.add_argument("--checkpoint", help="a checkpoint (workdir, checkpoints/ or step dir) instead")
+  p.add_argument("-o", "--output_dir", required=True, help="where the pruned model is written")
+  p.add_argument("-pth", "--pruning_threshold", type=float, default=0.1)
+  p.add_argument("-n", "--normalizer", default="max", choices=["max", "L2"])
+  p.add_argument("-eq", "--equalization_criterion", default="union",
+                 choices=["union", "intersection", "arithmetic_mean", "geometric_mean"])
+  p.add_argument("-pg", "--pruning_granularity", type=int, default=8)
+  p.add_argument("-nf", "--min_num_filters", type=int, default=16)
+  p.add_argument("-el", "--excluded_layers", nargs="*", default=[],
+                 help="conv paths to keep whole (e.g. backbone/block_1a_conv_1)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+  a = p.parse_args(rest)
+  if path is None:
+    raise UserError("--config=FILE is required")
+  if a.pruning_granularity < 1 or a.min_num_filters < 0:
+    raise UserError("-pg must be >= 1 and -nf >= 0")
+  out = os.path.abspath(a.output_dir)
+  if os.path.exists(out) and os.listdir(out) and not a.overwrite:
+    raise UserError(f"{out} already exists and is not empty (pass --overwrite to replace it)")
+  from bpnet_jax import config as config_lib, prune as prune_lib
+  config = config_lib.validate(load_config_file(path, overrides))
+  try:
+    report = prune_lib.prune_checkpoint(
+        config, a.checkpoint or a.workdir, out, threshold=a.pruning_threshold,
+        normalizer=a.normalizer, criterion=a.equalization_criterion,
+        granularity=a.pruning_granularity, min_filters=a.min_num_filters,
+        excluded=tuple(a.excluded_layers), overwrite=a.overwrite)
+  except prune_lib.PruneError as e:
+    raise UserError(str(e)) from None
+  if report["clamped_by_min_filters"]:
+    print(f"warning: threshold {a.pruning_threshold} would leave fewer than "
+          f"{a.min_num_filters} filters in {len(report['clamped_by_min_filters'])} layers "
+          f"(e.g. {report['clamped_by_min_filters'][0]}); kept {a.min_num_filters} there (-nf)",
+          file=sys.stderr)
+  b, f = report["params"], report["flops"]
+  print(f"params {b['before']:,} -> {b['after']:,} ({b['after'] / b['before']:.1%}), FLOPs at "
+        f"{report['input_size'][0]}x{report['input_size'][1]} {f['before'] / 1e9:.3f}G -> "
+        f"{f['after'] / 1e9:.3f}G ({f['after'] / f['before']:.1%}) -> {out} "
+        f"(report: prune_report.json)")
+
+
 COMMANDS = {
     "demo": cmd_demo,
     "summary": cmd_summary,
@@ -326,6 +372,7 @@ COMMANDS = {
     "dataset_convert": cmd_dataset_convert,
     "inference": cmd_inference,
     "evaluate": cmd_evaluate,
+    "prune": cmd_prune,
 }
 
 

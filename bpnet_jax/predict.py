@@ -335,6 +335,19 @@ class TensorRTBackend:
 # ----------------------------------------------------------------------------------------------
 # The predictor.
 
+def model_config_for(config, path: str):
+  """The config whose model matches the checkpoint at `path`: a pruned model directory (from
+  `bpnet prune`) or a retrain run (trainer.load_graph) brings its own layer widths."""
+  from bpnet_jax import prune as prune_lib
+  config = config.copy_and_resolve_references()
+  try:
+    if not prune_lib.apply_pruned_model(config, path) and config.trainer.load_graph:
+      prune_lib.apply_pruned_model(config, config.trainer.pretrained_weights)
+  except prune_lib.PruneError as e:
+    raise InferenceError(str(e)) from None
+  return config
+
+
 def checkpoint_variables(config, skeleton: Skeleton, path: str):
   """{'params', 'batch_stats'} of a training checkpoint, checked against the config's model."""
   from bpnet_jax import model as model_lib, train as train_lib
@@ -450,6 +463,7 @@ class Predictor:
       return cls(config, OnnxBackend(path, sk, n.image_scale, n.image_offset), sk, path)
     if path.endswith((".engine", ".trt", ".plan")):
       return cls(config, TensorRTBackend(path, sk, n.image_scale, n.image_offset), sk, path)
+    config = model_config_for(config, path)
     return cls.from_variables(config, checkpoint_variables(config, sk, path), sk, path)
 
   # ---- one image -------------------------------------------------------------------------------

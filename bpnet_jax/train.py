@@ -308,8 +308,16 @@ def _save_config(config, workdir):
 def setup(config, devices=None) -> Setup:
   config_lib.validate(config)
   if config.trainer.load_graph:
-    raise TrainingError("trainer.load_graph (retraining a pruned model) needs the pruning "
-                        "feature, which is not implemented yet")
+    # Retraining a pruned model: its architecture (layer widths) comes with its weights.
+    from bpnet_jax import prune as prune_lib
+    config = config.copy_and_resolve_references()
+    try:
+      if not prune_lib.apply_pruned_model(config, config.trainer.pretrained_weights):
+        raise TrainingError(f"trainer.load_graph=True needs trainer.pretrained_weights to be a "
+                            f"pruned model directory (with model.json, from `bpnet prune`); "
+                            f"{config.trainer.pretrained_weights} is not one")
+    except prune_lib.PruneError as e:
+      raise TrainingError(str(e)) from None
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
   mesh = make_mesh(devices)
   n_dev = mesh.devices.size
@@ -343,7 +351,7 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
 
   tx_fn = lambda params: optimizer_lib.optimizer_from_config(cfg, params, s.schedule)
   replicated = NamedSharding(s.mesh, P())
-  with s.mesh:
+  with jax.set_mesh(s.mesh):
     state = jax.jit(lambda: init_state(cfg, s.model, tx_fn, h, w), out_shardings=replicated)()
   tx = tx_fn(state.params)
   mngr = checkpoint_manager(workdir, t.max_ckpt_to_keep)
@@ -364,6 +372,11 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
     tree = read_checkpoint_state(t.pretrained_weights)
     params, rp = load_by_name(state.params, tree.get("params", {}))
     stats, rs = load_by_name(state.batch_stats, tree.get("batch_stats", {}))
+    if t.load_graph and (rp["missing"] or rp["shape_mismatch"] or rs["missing"]
+                         or rs["shape_mismatch"]):
+      bad = rp["missing"] + rp["shape_mismatch"] + rs["missing"] + rs["shape_mismatch"]
+      raise TrainingError(f"{t.pretrained_weights}: the pruned weights do not fit the model "
+                          f"rebuilt from its model.json ({len(bad)} parameters, e.g. {bad[:2]})")
     state = state.replace(params=jax.device_put(params, replicated),
                           batch_stats=jax.device_put(stats, replicated),
                           opt_state=jax.device_put(tx.init(params), replicated))

@@ -1,0 +1,345 @@
+"""Magnitude-based structured pruning of a BodyPoseNet parameter pytree (the original's
+`min_weight` method, infer_prune_export.md §4), as a pure function.
+
+  graph = model_graph(model)                 # which conv feeds which (concatenations, gates)
+  pruned, widths, report = prune(variables, graph, threshold=0.1)
+
+For every prunable conv, the statistic of an output filter is the L2 norm of its kernel slice
+(biases ignored), normalised within the layer by its maximum (`max`) or by the L2 norm of the
+vector of norms (`L2`; the original multiplied that by N, DECISIONS.md). A layer keeps the
+filters whose statistic exceeds the threshold, at least `min_filters` (or all if it has fewer),
+rounded up to a multiple of `granularity`, the largest statistics first. Convs whose outputs are
+multiplied element-wise (an attention gate and the conv it gates) keep the same filters, chosen on
+their statistics merged by the equalisation criterion. Consumers are sliced to match: the next
+conv's input channels, the backbone's BatchNorm vectors, and the stage inputs concat(features,
+previous heatmaps, previous PAFs), whose head channels are never pruned. Output heads (every
+stage's heatmap and PAF convs) keep all their filters; `excluded` layers too.
+
+The pruned architecture is data: `widths` ({conv path: filters}) goes into
+`config.model.layer_widths`, and `save_pruned` writes it next to the weights (OUT_DIR/model.json,
+OUT_DIR/state) so `trainer.pretrained_weights=OUT_DIR, load_graph=True` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+
+from bpnet_jax import model as model_lib
+
+NORMALIZERS = ("max", "L2", "off")
+CRITERIA = ("union", "intersection", "arithmetic_mean", "geometric_mean")
+
+
+class PruneError(ValueError):
+  """Pruning options or inputs that cannot be used (reported in one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+  """One conv of the model. `inputs`: producers concatenated along channels ('input' is the
+  image); `bn`: BatchNorm applied to its output; `head`: an output (never pruned); `gates`: the
+  conv whose output this conv's output multiplies (they keep the same filters)."""
+  name: str
+  inputs: tuple
+  bn: str | None = None
+  head: bool = False
+  gates: str | None = None
+
+
+def model_graph(model) -> list[Node]:
+  """The channel graph of a BpNetLiteModel / BpNetModel, mirroring `model._forward`."""
+  nodes, prev = [], "input"
+  for name, *_ in model_lib.VGG_BACKBONE:
+    nodes.append(Node(f"backbone/{name}_conv_1", (prev,), bn=f"backbone/{name}_bn_1"))
+    prev = nodes[-1].name
+  nodes.append(Node("channel_reduction_conv", (prev,)))
+  feat, heat, paf = "channel_reduction_conv", None, None
+  lite = not isinstance(model, model_lib.BpNetModel)
+  for t in range(1, model.stages + 1):
+    last = t == model.stages
+    x = (feat,) if t == 1 else (feat, heat, paf)
+    outs = {"heat": "heatmap_out" if last else f"stage{t}/heat_branch/out",
+            "paf": "paf_out" if last else f"stage{t}/paf_branch/out"}
+    if lite:
+      sizes = model.stage1_kernel_sizes if t == 1 else model.stageT_kernel_sizes
+      for i in range(len(sizes)):
+        nodes.append(Node(f"stage{t}/conv{i + 1}", x))
+        x = (nodes[-1].name,)
+      branches = {"heat": (f"stage{t}/cmap", len(sizes) + 1, x),
+                  "paf": (f"stage{t}/paf", len(sizes) + 1, x)}
+      for kind, (scope, last_conv, inp) in branches.items():
+        nodes.append(Node(f"{scope}/conv{last_conv}", inp))
+        _gate_and_head(nodes, model, t, scope, f"{scope}/conv{last_conv}", outs[kind])
+    else:
+      for kind, scope in (("heat", f"stage{t}/heat_branch"), ("paf", f"stage{t}/paf_branch")):
+        y = x
+        for i in range(1, (4 if t == 1 else 6) + 1):
+          nodes.append(Node(f"{scope}/conv{i}", y))
+          y = (nodes[-1].name,)
+        _gate_and_head(nodes, model, t, scope, y[0], outs[kind])
+    heat, paf = outs["heat"], outs["paf"]
+  return nodes
+
+
+def _gate_and_head(nodes, model, t, scope, conv, out):
+  if t > 1 and model.use_self_attention:
+    nodes.append(Node(f"{scope}/attention_conv", (conv,), gates=conv))
+  nodes.append(Node(out, (conv,), head=True))
+
+
+def filter_norms(kernel) -> np.ndarray:
+  """(out,) L2 norm of each output filter of a (kh, kw, in, out) kernel."""
+  k = np.asarray(kernel, np.float64)
+  return np.sqrt(np.square(k).reshape(-1, k.shape[-1]).sum(0))
+
+
+def normalize(stat: np.ndarray, normalizer: str) -> np.ndarray:
+  if normalizer == "max":
+    return stat / max(stat.max(), 1e-30)
+  if normalizer == "L2":
+    return stat / max(np.linalg.norm(stat), 1e-30)
+  return stat
+
+
+def merge(stats: list[np.ndarray], criterion: str) -> np.ndarray:
+  """Equalisation of tied layers' statistics."""
+  s = np.stack(stats)
+  if criterion == "union":
+    return s.max(0)
+  if criterion == "intersection":
+    return s.min(0)
+  if criterion == "arithmetic_mean":
+    return s.mean(0)
+  return np.exp(np.log(np.maximum(s, 1e-30)).mean(0))
+
+
+def select(stat: np.ndarray, threshold: float, granularity: int, min_filters: int):
+  """(kept indices ascending, clamped): filters above the threshold, at least min(min_filters,
+  D), rounded up to a multiple of granularity, at most D; `clamped` says min_filters decided."""
+  d = len(stat)
+  above = int((stat > threshold).sum())
+  n = max(above, min(min_filters, d))
+  n = min(int(math.ceil(n / granularity) * granularity), d)
+  keep = np.sort(np.argsort(-stat, kind="stable")[:n])
+  return keep, above < min(min_filters, d)
+
+
+def prune(variables, graph: list[Node], threshold: float = 0.1, normalizer: str = "max",
+          criterion: str = "union", granularity: int = 8, min_filters: int = 16,
+          excluded=()):
+  """Prunes {'params', 'batch_stats'}; returns (pruned variables, widths, layers).
+
+  widths: {conv path: kept filters} for every prunable conv (attention gates follow the conv
+  they gate); layers: {conv path: {"kept", "total", "clamped_by_min_filters"}}.
+  """
+  from flax import traverse_util
+  if normalizer not in NORMALIZERS:
+    raise PruneError(f"normalizer {normalizer!r}: expected one of {NORMALIZERS}")
+  if criterion not in CRITERIA:
+    raise PruneError(f"equalization criterion {criterion!r}: expected one of {CRITERIA}")
+  if granularity < 1 or min_filters < 0:
+    raise PruneError("granularity must be >= 1 and min_filters >= 0")
+  names = [n.name for n in graph]
+  unknown = sorted(set(excluded) - set(names))
+  if unknown:
+    raise PruneError(f"excluded layer(s) {unknown} not in the model; valid names: "
+                     f"{', '.join(names)}")
+  params = traverse_util.flatten_dict(variables["params"], sep="/")
+  stats = traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+  out_width = {n.name: int(params[f"{n.name}/kernel"].shape[-1]) for n in graph}
+  out_width["input"] = int(params[f"{graph[0].name}/kernel"].shape[-2])
+
+  # Groups of convs that must keep the same filters (gate and gated conv).
+  group = {n.name: n.name for n in graph}
+  for n in graph:
+    if n.gates:
+      group[n.name] = group[n.gates]
+  members: dict[str, list[str]] = {}
+  for n in graph:
+    members.setdefault(group[n.name], []).append(n.name)
+  by_name = {n.name: n for n in graph}
+  kept, layers = {"input": np.arange(out_width["input"])}, {}
+  for root, names_ in members.items():
+    total = out_width[root]
+    fixed = any(by_name[m].head or m in excluded for m in names_)
+    if fixed:
+      keep, clamped = np.arange(total), False
+    else:
+      s = [normalize(filter_norms(params[f"{m}/kernel"]), normalizer) for m in names_]
+      keep, clamped = select(merge(s, criterion), threshold, granularity, min_filters)
+    for m in names_:
+      kept[m] = keep
+      layers[m] = {"kept": int(len(keep)), "total": total, "clamped_by_min_filters": clamped}
+
+  new_params, new_stats = {}, {}
+  for n in graph:
+    offsets = np.cumsum([0] + [out_width[s] for s in n.inputs])
+    in_idx = np.concatenate([kept[s] + o for s, o in zip(n.inputs, offsets)])
+    k = np.asarray(params[f"{n.name}/kernel"])
+    if k.shape[-2] != offsets[-1]:
+      raise PruneError(f"{n.name}: kernel has {k.shape[-2]} input channels but its inputs "
+                       f"{n.inputs} give {offsets[-1]}; the graph does not fit the model")
+    new_params[f"{n.name}/kernel"] = k[..., in_idx, :][..., kept[n.name]]
+    if f"{n.name}/bias" in params:
+      new_params[f"{n.name}/bias"] = np.asarray(params[f"{n.name}/bias"])[kept[n.name]]
+    if n.bn:
+      for coll, src in ((new_params, params), (new_stats, stats)):
+        for key in [k_ for k_ in src if k_.startswith(n.bn + "/")]:
+          coll[key] = np.asarray(src[key])[kept[n.name]]
+  missing = set(params) - set(new_params)
+  if missing:
+    raise PruneError(f"parameters outside the pruning graph: {sorted(missing)[:5]}")
+  pruned = {"params": traverse_util.unflatten_dict(new_params, sep="/"),
+            "batch_stats": traverse_util.unflatten_dict(new_stats, sep="/")}
+  widths = {n.name: layers[n.name]["kept"] for n in graph if not n.head and not n.gates}
+  return pruned, widths, layers
+
+
+# ----------------------------------------------------------------------------------------------
+# The pruned model on disk, and rebuilding it.
+
+def flops(model, variables, height: int, width: int) -> float:
+  """Forward-pass FLOPs of one (height, width) image, as XLA counts them."""
+  import jax
+  import jax.numpy as jnp
+  x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
+  abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32),
+                                    variables)
+  cost = jax.jit(lambda v, im: model.apply(v, im, train=False)).lower(abstract, x).cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost["flops"])
+
+
+def save_pruned(out_dir: str, variables, model_config: dict, report: dict,
+                overwrite: bool = False) -> None:
+  """OUT_DIR/state (Orbax: params + batch stats), model.json, prune_report.json; written to a
+  temporary directory first, then renamed."""
+  import orbax.checkpoint as ocp
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f"{out_dir} already exists and is not empty (pass --overwrite to "
+                          "replace it)")
+  tmp = out_dir + ".tmp"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(tmp, "state"), variables)
+  with open(os.path.join(tmp, "model.json"), "w") as f:
+    json.dump({"format": "bpnet_jax.pruned/1", "model": model_config}, f, indent=1)
+  with open(os.path.join(tmp, "prune_report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  if os.path.exists(out_dir):
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)
+
+
+def read_pruned_model(path: str) -> dict | None:
+  """The model section saved with a pruned model (None if `path` is not a pruned model dir)."""
+  f = os.path.join(path, "model.json")
+  if not os.path.isfile(f):
+    return None
+  try:
+    with open(f) as fh:
+      data = json.load(fh)
+    return dict(data["model"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise PruneError(f"{f}: not a pruned model description ({e})") from None
+
+
+# The architecture keys a pruned model fixes; the config must agree on them.
+ARCHITECTURE_KEYS = ("architecture", "stages", "use_self_attention", "use_bias",
+                     "stage1_kernel_sizes", "stageT_kernel_sizes")
+
+
+def apply_pruned_model(config, path: str) -> bool:
+  """Sets config.model.layer_widths from a pruned model dir (True if `path` is one).
+
+  The pruned model's architecture must match the config's (stages, kernel sizes, ...).
+  """
+  saved = read_pruned_model(path)
+  if saved is None:
+    return False
+  m = config.model
+  for key in ARCHITECTURE_KEYS:
+    if key in saved and _norm(saved[key]) != _norm(m[key]):
+      raise PruneError(f"{path}: the pruned model has model.{key}={saved[key]!r} but the config "
+                       f"has {m[key]!r}")
+  if saved.get("backbone_use_bias") is not None and \
+      saved["backbone_use_bias"] != m.backbone_attributes.use_bias:
+    raise PruneError(f"{path}: the pruned model has backbone use_bias="
+                     f"{saved['backbone_use_bias']} but the config has "
+                     f"{m.backbone_attributes.use_bias}")
+  with m.unlocked() if hasattr(m, "unlocked") else _nullcontext():
+    m.width_multiplier = float(saved.get("width_multiplier", m.width_multiplier))
+    m.layer_widths = {str(k): int(v) for k, v in saved["layer_widths"].items()}
+  return True
+
+
+def _norm(v):
+  return list(v) if isinstance(v, (list, tuple)) else v
+
+
+class _nullcontext:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def model_description(config, widths: dict) -> dict:
+  """The model section stored with a pruned model."""
+  m = config.model
+  out = {k: _norm(m[k]) for k in ARCHITECTURE_KEYS}
+  out["backbone_use_bias"] = bool(m.backbone_attributes.use_bias)
+  out["width_multiplier"] = float(m.width_multiplier)
+  out["layer_widths"] = {k: int(v) for k, v in sorted(widths.items())}
+  return out
+
+
+def prune_checkpoint(config, checkpoint: str, out_dir: str, threshold: float = 0.1,
+                     normalizer: str = "max", criterion: str = "union", granularity: int = 8,
+                     min_filters: int = 16, excluded=(), overwrite: bool = False) -> dict:
+  """Prunes a training checkpoint (or a pruned model, again) into out_dir; returns the report.
+
+  The checkpoint must fit `config.model` (PruneError naming the difference otherwise).
+  """
+  from bpnet_jax import predict
+  from bpnet_jax.skeleton import load_skeleton
+  sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
+  try:
+    config = predict.model_config_for(config, checkpoint)
+    variables = predict.checkpoint_variables(config, sk, checkpoint)
+  except predict.InferenceError as e:
+    raise PruneError(str(e)) from None
+  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  model = model_lib.build_model(config.model, sk)
+  graph = model_graph(model)
+  pruned, widths, layers = prune(variables, graph, threshold, normalizer, criterion,
+                                 granularity, min_filters, excluded)
+  pruned_config = config.copy_and_resolve_references()
+  pruned_config.model.layer_widths = widths
+  pruned_model = model_lib.build_model(pruned_config.model, sk)
+  h, w = config.dataloader.image_config.height, config.dataloader.image_config.width
+  before, after = model_lib.count_params(variables), model_lib.count_params(pruned)
+  report = {
+      "source": os.path.abspath(checkpoint),
+      "options": {"threshold": threshold, "normalizer": normalizer, "criterion": criterion,
+                  "granularity": granularity, "min_filters": min_filters,
+                  "excluded": list(excluded)},
+      "input_size": [h, w],
+      "params": {"before": before["total"], "after": after["total"]},
+      "flops": {"before": flops(model, variables, h, w),
+                "after": flops(pruned_model, pruned, h, w)},
+      "clamped_by_min_filters": [n for n, l in layers.items() if l["clamped_by_min_filters"]],
+      "layers": layers,
+  }
+  save_pruned(out_dir, pruned, model_description(pruned_config, widths), report, overwrite)
+  return report
