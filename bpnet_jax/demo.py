@@ -8,10 +8,12 @@
               results.csv, detections_coco.json)
   DIR/infer   inference on a few synthetic test images and real COCO photos (detection.json,
               images_annotated/)
+  DIR/pruned  the trained model pruned (`bpnet prune`; prune_report.json, model.json, state/)
+  DIR/retrain the pruned model retrained briefly (load_graph), evaluated in DIR/retrain/eval
 
 Re-running it reuses what is already there (data) and resumes training, so nothing is redone;
-DIR/eval and DIR/infer are recomputed from the latest checkpoint. Later stages (pruning,
-export) join as they are implemented.
+DIR/eval, DIR/infer and DIR/pruned are recomputed from the latest checkpoint; DIR/retrain
+resumes. Export joins when it is implemented.
 """
 
 from __future__ import annotations
@@ -89,6 +91,9 @@ def loss_curve(metrics_path: str, rows: int = 10, width: int = 40) -> str:
 
 
 COCO_PHOTOS = os.path.join("tests", "data", "coco_mini", "train2017")
+# The demo model is 1/8 wide (8..64 filters per conv): prune in steps of 4, keep at least 4.
+DEMO_PRUNE = dict(threshold=0.3, min_filters=4, granularity=4)
+DEMO_RETRAIN_EPOCHS = 5
 
 
 def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6) -> dict:
@@ -115,6 +120,32 @@ def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6
   return {"eval": m, "infer": c}
 
 
+def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> dict:
+  """DIR/pruned (prune the trained model) and DIR/retrain (retrain it briefly, evaluate)."""
+  from bpnet_jax import dataset_spec, evaluate, predict, prune, train
+  pruned_dir = os.path.join(workdir, "pruned")
+  rep = prune.prune_checkpoint(cfg, train_dir, pruned_dir, overwrite=True, **DEMO_PRUNE)
+  p, f = rep["params"], rep["flops"]
+  print(f"[prune] threshold {DEMO_PRUNE['threshold']}: params {p['before']:,} -> {p['after']:,} "
+        f"({p['after'] / p['before']:.0%}), FLOPs {f['before'] / 1e6:.0f}M -> "
+        f"{f['after'] / 1e6:.0f}M ({f['after'] / f['before']:.0%}) -> {pruned_dir}")
+  rc = cfg.copy_and_resolve_references()
+  rc.trainer.pretrained_weights, rc.trainer.load_graph = pruned_dir, True
+  rc.trainer.num_epoch = DEMO_RETRAIN_EPOCHS
+  rc.trainer.checkpoint_n_epoch = rc.trainer.validation_every_n_epoch = DEMO_RETRAIN_EPOCHS
+  retrain_dir = os.path.join(workdir, "retrain")
+  out = train.train(rc, retrain_dir, progress=False)
+  split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
+  ev = evaluate.evaluate_dataset(predict.Predictor.from_path(rc, retrain_dir), split.annotations,
+                                 split.images_dir, os.path.join(retrain_dir, "eval"),
+                                 progress=False, verbose=False)
+  m = ev["metrics"]
+  print(f"[retrain] {DEMO_RETRAIN_EPOCHS} epochs (step {out['step']}), AP {m['AP']:.3f} "
+        f"(unpruned {eval_metrics['AP']:.3f}), AP50 {m['AP50']:.3f} "
+        f"(unpruned {eval_metrics['AP50']:.3f}) -> {retrain_dir}")
+  return {"prune": rep, "retrain": m}
+
+
 def run(workdir: str) -> int:
   from bpnet_jax import train
   t0 = time.time()
@@ -129,7 +160,8 @@ def run(workdir: str) -> int:
   print(f"[train] step {out['step']}/{out['last_step']}, final loss "
         f"{out['metrics'].get('loss', float('nan')):.4g}")
   print(loss_curve(os.path.join(train_dir, "metrics.jsonl")))
-  evaluate_and_infer(cfg, workdir, train_dir)
+  results = evaluate_and_infer(cfg, workdir, train_dir)
+  prune_and_retrain(cfg, workdir, train_dir, results["eval"])
   print(f"\ndone in {time.time() - t0:.0f} s. Outputs:\n"
         f"  {os.path.join(workdir, 'data')}            synthetic images, COCO JSON, dataset spec, "
         f"records, masks\n"
@@ -137,5 +169,7 @@ def run(workdir: str) -> int:
         f"  {os.path.join(train_dir, 'metrics.jsonl')} metrics; TensorBoard: tensorboard "
         f"--logdir {os.path.join(train_dir, 'tensorboard')}\n"
         f"  {os.path.join(workdir, 'eval')}            COCO keypoint AP/AR on the held-out split\n"
-        f"  {os.path.join(workdir, 'infer')}           detection.json, images_annotated/")
+        f"  {os.path.join(workdir, 'infer')}           detection.json, images_annotated/\n"
+        f"  {os.path.join(workdir, 'pruned')}          pruned model (prune_report.json)\n"
+        f"  {os.path.join(workdir, 'retrain')}         retrained pruned model and its evaluation")
   return 0

@@ -6,15 +6,18 @@ from bpnet_jax import demo
 def test_demo_runs_the_pipeline_into_one_folder(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(demo, "DEMO_IMAGES", 16)
   monkeypatch.setattr(demo, "DEMO_EPOCHS", 1)
+  monkeypatch.setattr(demo, "DEMO_RETRAIN_EPOCHS", 1)
   assert demo.run(str(tmp_path)) == 0
   out = capsys.readouterr().out
   for path in ("data/dataset_spec.json", "data/records/train-fold-000-of-001",
                "data/records/test-fold-000-of-001", "data/train_mask", "train/config.json",
                "train/metrics.jsonl", "train/checkpoints", "eval/metrics.json",
-               "eval/results.csv", "infer/detection.json", "infer/images_annotated"):
+               "eval/results.csv", "infer/detection.json", "infer/images_annotated",
+               "pruned/prune_report.json", "pruned/model.json", "retrain/checkpoints",
+               "retrain/eval/metrics.json"):
     assert os.path.exists(tmp_path / path), path
   assert "step" in out and "loss" in out and "validation loss" in out
-  assert "[eval]" in out and "[infer]" in out
+  assert "[eval]" in out and "[infer]" in out and "[prune]" in out and "[retrain]" in out
   import json
   det = json.load(open(tmp_path / "infer" / "detection.json"))
   assert det["counts"]["images"] == len(os.listdir(tmp_path / "infer" / "images_annotated")) > 6
