@@ -233,7 +233,9 @@ class OnnxBackend:
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                  if p in ort.get_available_providers()]
     try:
-      self.session = ort.InferenceSession(path, providers=providers)
+      opts = ort.SessionOptions()
+      opts.log_severity_level = 3
+      self.session = ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
       raise InferenceError(f"{path}: ONNX Runtime cannot load the model "
                            f"({str(e).splitlines()[0][:200]})") from None

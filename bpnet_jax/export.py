@@ -1,0 +1,225 @@
+"""Export for deployment: ONNX (fp32, fp16) traced from the JAX inference function.
+
+The ONNX graph comes from the jaxpr (jax2onnx), not from TensorFlow (DECISIONS.md): input
+`input_1` (B, H, W, 3) float32, the normalised image (x / 256 - 0.5, RGB), outputs `heatmap_out`
+(B, H/8, W/8, J+1) and `paf_out` (B, H/8, W/8, 2L) of the last stage (or
+`inference.output_stage_to_use`); the batch is dynamic, height and width fixed (`input_dims`) or
+dynamic. `sdk_compatible` adds the original's fixed x4 nearest-neighbour upsampling of the PAF
+output. fp16 models compute in float16 with float32 inputs and outputs.
+
+Every export is checked with ONNX Runtime against JAX on random and real images; the maximum
+absolute differences go to OUT.report.json and the export fails if fp32 exceeds 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from bpnet_jax import model as model_lib
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+OPSET = 17
+
+
+class ExportError(ValueError):
+  """An export that cannot be done or fails its check (reported in one line)."""
+
+
+def _require_onnx():
+  try:
+    import jax2onnx  # noqa: F401
+    import onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+  except ImportError as e:
+    raise ExportError(f"ONNX export needs onnx, onnxruntime and jax2onnx ({e.name} is missing): "
+                      "pip install 'bpnet_jax[onnx]' && pip install --no-deps jax2onnx==0.17.1"
+                      ) from None
+
+
+def inference_fn(model, variables, stage: int | None = None, sdk_compatible: bool = False):
+  """x (B, H, W, 3) normalised float32 -> (heatmap, paf) float32 of one stage."""
+  import jax.numpy as jnp
+  i = -1 if stage is None else stage - 1
+
+  def fn(x):
+    heats, pafs = model.apply(variables, x, train=False)
+    heat, paf = heats[i].astype(jnp.float32), pafs[i].astype(jnp.float32)
+    if sdk_compatible:   # x4 nearest neighbour (works with symbolic H and W)
+      paf = jnp.repeat(jnp.repeat(paf, 4, axis=1), 4, axis=2)
+    return heat, paf
+  return fn
+
+
+def _clean(proto):
+  """Drops jax2onnx's intermediate shape annotations (symbolic H/W through strided convs are
+  not always right) and leaves the outputs' spatial dims symbolic; ONNX Runtime and TensorRT
+  infer shapes themselves."""
+  del proto.graph.value_info[:]
+  for out, names in zip(proto.graph.output, (("B", "h", "w", None), ("B", "hp", "wp", None))):
+    dims = out.type.tensor_type.shape.dim
+    for d, name in zip(dims, names):
+      if name is not None:
+        d.ClearField("dim_value")
+        d.dim_param = name
+  return proto
+
+
+def to_onnx_model(model, variables, input_dims: Sequence[int] | None = None, *,
+                  stage: int | None = None, dtype: str = "fp32", sdk_compatible: bool = False,
+                  opset: int = OPSET):
+  """An onnx.ModelProto of the inference function. input_dims (H, W) or None (dynamic)."""
+  _require_onnx()
+  import logging
+  from jax2onnx import to_onnx
+  fn = inference_fn(model, variables, stage, sdk_compatible)
+  h, w = (input_dims[0], input_dims[1]) if input_dims else ("H", "W")
+  # jax2onnx reports plugins for packages we do not use (equinox, dm-pix) as warnings.
+  logs = [logging.getLogger(n) for n in ("jax2onnx.plugins.plugin_system", "onnx_ir.serde")]
+  levels = [g.level for g in logs]
+  for g in logs:
+    g.setLevel(logging.ERROR)
+  try:
+    proto = to_onnx(fn, [("B", h, w, 3)], model_name="bpnet", opset=opset,
+                    input_names=["input_1"], output_names=["heatmap_out", "paf_out"])
+  finally:
+    for g, lv in zip(logs, levels):
+      g.setLevel(lv)
+  proto = _clean(proto)
+  return to_fp16(proto) if dtype == "fp16" else proto
+
+
+def to_fp16(proto):
+  """float16 weights and compute; the input and outputs stay float32 (Cast at both ends).
+  Resize's roi/scales stay float32 as ONNX requires."""
+  import onnx
+  from onnx import TensorProto, helper, numpy_helper
+  g = proto.graph
+  keep32 = {n.input[i] for n in g.node if n.op_type == "Resize" for i in (1, 2)
+            if len(n.input) > i}
+  for i, t in enumerate(g.initializer):
+    if t.data_type == TensorProto.FLOAT and t.name not in keep32:
+      g.initializer[i].CopyFrom(numpy_helper.from_array(
+          numpy_helper.to_array(t).astype(np.float16), t.name))
+  for n in g.node:
+    if n.op_type == "Constant" and n.output[0] not in keep32:
+      for a in n.attribute:
+        if a.name == "value" and a.t.data_type == TensorProto.FLOAT:
+          a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16)))
+    for a in n.attribute:
+      if n.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+        a.i = TensorProto.FLOAT16
+  inp = g.input[0].name
+  for n in g.node:
+    n.input[:] = [inp + "_fp16" if x == inp else x for x in n.input]
+  outs = {o.name for o in g.output}
+  for n in g.node:
+    n.output[:] = [x + "_fp16" if x in outs else x for x in n.output]
+  g.node.insert(0, helper.make_node("Cast", [inp], [inp + "_fp16"], to=TensorProto.FLOAT16))
+  for o in g.output:
+    g.node.append(helper.make_node("Cast", [o.name + "_fp16"], [o.name], to=TensorProto.FLOAT))
+  onnx.checker.check_model(proto)
+  return proto
+
+
+def op_inventory(proto) -> dict:
+  """{op type: count} over the graph (custom domains show as 'domain::op')."""
+  out: dict = {}
+  for n in proto.graph.node:
+    key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+    out[key] = out.get(key, 0) + 1
+  return dict(sorted(out.items()))
+
+
+def check_parity(proto_or_path, jax_fn, inputs: Sequence[np.ndarray]) -> float:
+  """Max |ONNX Runtime - JAX| over both outputs and all inputs."""
+  import onnxruntime as ort
+  data = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 3          # no shape-merge warnings on symbolic dims
+  sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+  worst = 0.0
+  for x in inputs:
+    got = sess.run(["heatmap_out", "paf_out"], {"input_1": x})
+    ref = [np.asarray(r) for r in jax_fn(x)]
+    for a, b in zip(got, ref):
+      if a.shape != b.shape:
+        raise ExportError(f"ONNX output shape {a.shape} differs from JAX's {b.shape}")
+      worst = max(worst, float(np.abs(a - b).max()))
+  return worst
+
+
+def check_inputs(input_dims, images: Sequence[np.ndarray] = (), seed: int = 0,
+                 fill=(128, 128, 128), image_scale=(256.0,) * 3, image_offset=(0.5,) * 3):
+  """Normalised check inputs: random batches (1 and 3) and real images preprocessed like
+  inference (pad_image_input at input_dims, or 128x160 when dynamic)."""
+  from bpnet_jax.predict import preprocess
+  h, w = input_dims if input_dims else (128, 160)
+  rng = np.random.default_rng(seed)
+  out = [rng.uniform(-0.5, 0.5, (1, h, w, 3)).astype(np.float32),
+         rng.uniform(-0.5, 0.5, (3, h, w, 3)).astype(np.float32)]
+  if not input_dims:
+    out.append(rng.uniform(-0.5, 0.5, (2, h + 32, w - 64, 3)).astype(np.float32))
+  real = [preprocess(im, (h, w), "pad_image_input", fill)[0] for im in images]
+  if real:
+    x = np.stack(real).astype(np.float32) / np.asarray(image_scale, np.float32) \
+        - np.asarray(image_offset, np.float32)
+    out.append(x)
+  return out
+
+
+def export(config, variables, out_path: str, *, input_dims: Sequence[int] | None = None,
+           data_type: str = "fp32", opset: int = OPSET, sdk_compatible: bool = False,
+           check_images: Sequence[np.ndarray] = (), overwrite: bool = False) -> dict:
+  """Writes OUT.onnx and OUT.report.json (atomically); returns the report."""
+  from bpnet_jax.skeleton import load_skeleton
+  if data_type not in TOLERANCE:
+    raise ExportError(f"--data_type {data_type!r}: expected one of {tuple(TOLERANCE)}")
+  if input_dims is not None and (len(input_dims) != 2 or any(d % model_lib.OUTPUT_STRIDE or
+                                                              d <= 0 for d in input_dims)):
+    raise ExportError(f"input dims {tuple(input_dims)}: expected H,W positive multiples of "
+                      f"{model_lib.OUTPUT_STRIDE}")
+  report_path = os.path.splitext(out_path)[0] + ".report.json"
+  for p in (out_path, report_path):
+    if os.path.exists(p) and not overwrite:
+      raise FileExistsError(f"{p} already exists (pass --overwrite to replace it)")
+  sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
+  model = model_lib.build_model(config.model, sk)
+  stage = config.inference.output_stage_to_use
+  proto = to_onnx_model(model, variables, input_dims, stage=stage, dtype=data_type,
+                        sdk_compatible=sdk_compatible, opset=opset)
+  n = config.dataloader.normalization_params
+  inputs = check_inputs(input_dims, check_images, image_scale=n.image_scale,
+                        image_offset=n.image_offset)
+  import jax
+  ref_fn = jax.jit(inference_fn(model, variables, stage, sdk_compatible))
+  diff = check_parity(proto, ref_fn, inputs)
+  report = {
+      "format": "bpnet_jax.export/1", "onnx": os.path.abspath(out_path), "data_type": data_type,
+      "opset": opset, "input": {"name": "input_1", "layout": "NHWC", "dims": list(input_dims)
+                                if input_dims else ["H", "W"], "dynamic_batch": True,
+                                "normalization": {"scale": list(n.image_scale),
+                                                  "offset": list(n.image_offset)}},
+      "outputs": {"heatmap_out": sk.heat_channels, "paf_out": sk.paf_channels,
+                  "stage": stage or config.model.stages, "sdk_compatible": sdk_compatible},
+      "params": model_lib.count_params(variables)["total"],
+      "parity": {"max_abs_diff": diff, "tolerance": TOLERANCE[data_type],
+                 "inputs": [list(x.shape) for x in inputs],
+                 "real_images": len(check_images)},
+      "ops": op_inventory(proto),
+  }
+  if diff > TOLERANCE[data_type]:
+    raise ExportError(f"ONNX Runtime differs from JAX by {diff:.3g} (> {TOLERANCE[data_type]} "
+                      f"for {data_type}); nothing written")
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  tmp = out_path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(proto.SerializeToString())
+  os.replace(tmp, out_path)
+  with open(report_path + ".tmp", "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(report_path + ".tmp", report_path)
+  return report

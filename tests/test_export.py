@@ -1,0 +1,132 @@
+"""ONNX export: parity with JAX (fp32, fp16), plain ops only, pruned models, the Predictor and the
+CLI running exported models."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("jax2onnx")
+pytest.importorskip("onnxruntime")
+
+from bpnet_jax import export as E  # noqa: E402
+from bpnet_jax import model as model_lib  # noqa: E402
+from bpnet_jax import predict  # noqa: E402
+from bpnet_jax import prune as P  # noqa: E402
+from bpnet_jax.skeleton import load_skeleton  # noqa: E402
+from configs import demo  # noqa: E402
+
+SK = load_skeleton()
+PLAIN_OPS = {"Conv", "Relu", "Concat", "Mul", "Add", "Sigmoid", "Tanh", "Transpose",
+             "BatchNormalization", "Cast", "Resize", "ConvTranspose", "Reshape", "Expand",
+             "Gather", "Shape", "Squeeze", "Unsqueeze"}
+
+
+def tiny(attention=False):
+  c = demo.get_config()
+  c.model.use_self_attention = attention
+  m = model_lib.build_model(c.model, SK)
+  v = model_lib.init_variables(m, jax.random.key(1), 64, 64)
+  # Non-trivial BatchNorm statistics (small, both signs), so folding mistakes would show.
+  rng = np.random.default_rng(0)
+  v = {"params": v["params"], "batch_stats": jax.tree_util.tree_map(
+      lambda a: a + (0.02 * rng.normal(size=a.shape)).astype(a.dtype), v["batch_stats"])}
+  # Final heads scaled so the maps have std 0.3 (like real maps): the 1e-4 tolerance then means
+  # what it says instead of comparing near-zero outputs.
+  x = rng.uniform(-0.5, 0.5, (1, 64, 64, 3)).astype(np.float32)
+  heat, paf = E.inference_fn(m, v)(x)
+  gain = {"heatmap_out": 0.3 / float(np.std(heat)), "paf_out": 0.3 / float(np.std(paf))}
+  params = dict(v["params"])
+  for name, g in gain.items():
+    params[name] = jax.tree_util.tree_map(lambda a: a * g, params[name])
+  v = {"params": params, "batch_stats": v["batch_stats"]}
+  heat, paf = E.inference_fn(m, v)(x)
+  assert abs(np.std(heat) - 0.3) < 0.01 and abs(np.std(paf) - 0.3) < 0.01
+  return c, m, v
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_fp32_parity_dynamic_size_and_batch(tmp_path, attention):
+  c, m, v = tiny(attention)
+  out = tmp_path / "m.onnx"
+  r = E.export(c, v, str(out))
+  assert r["parity"]["max_abs_diff"] < 1e-4
+  assert [1, 128, 160, 3] in r["parity"]["inputs"] and [3, 128, 160, 3] in r["parity"]["inputs"]
+  assert [2, 160, 96, 3] in r["parity"]["inputs"]            # a second input size
+  assert set(r["ops"]) <= PLAIN_OPS, r["ops"]
+  assert json.load(open(tmp_path / "m.report.json"))["ops"] == r["ops"]
+  import onnx
+  proto = onnx.load(str(out))
+  assert [i.name for i in proto.graph.input] == ["input_1"]
+  assert [o.name for o in proto.graph.output] == ["heatmap_out", "paf_out"]
+  assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+  # Our own check on another input, batch 3 at 64x96.
+  x = np.random.default_rng(5).uniform(-0.5, 0.5, (3, 64, 96, 3)).astype(np.float32)
+  diff = E.check_parity(str(out), E.inference_fn(m, v), [x])
+  assert diff < 1e-4
+
+
+def test_fixed_size_fp16_and_sdk_models(tmp_path):
+  c, m, v = tiny()
+  r16 = E.export(c, v, str(tmp_path / "h.onnx"), input_dims=(64, 96), data_type="fp16")
+  assert 0 < r16["parity"]["max_abs_diff"] < 5e-2 and r16["input"]["dims"] == [64, 96]
+  import onnx
+  kinds = {t.data_type for t in onnx.load(str(tmp_path / "h.onnx")).graph.initializer}
+  assert onnx.TensorProto.FLOAT16 in kinds
+  sdk = E.export(c, v, str(tmp_path / "s.onnx"), input_dims=(64, 64), sdk_compatible=True)
+  assert sdk["parity"]["max_abs_diff"] < 1e-4
+  import onnxruntime as ort
+  s = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+  heat, paf = s.run(None, {"input_1": np.zeros((2, 64, 64, 3), np.float32)})
+  assert heat.shape == (2, 8, 8, 19) and paf.shape == (2, 32, 32, 38)
+  with pytest.raises(FileExistsError):
+    E.export(c, v, str(tmp_path / "s.onnx"), input_dims=(64, 64))
+  with pytest.raises(E.ExportError, match="multiples of 8"):
+    E.export(c, v, str(tmp_path / "x.onnx"), input_dims=(60, 64))
+
+
+def test_pruned_model_trains_a_step_and_exports(tmp_path):
+  import optax
+  from bpnet_jax import losses
+  c, m, v = tiny()
+  pruned, widths, _ = P.prune(v, P.model_graph(m), threshold=0.9, granularity=2, min_filters=2)
+  c.model.layer_widths = widths
+  small = model_lib.build_model(c.model, SK)
+  x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  labels = np.random.default_rng(1).uniform(size=(2, 8, 8, SK.num_channels)).astype(np.float32)
+  masks = np.ones((2, 8, 8, 1), np.float32)
+
+  def loss_fn(params):
+    (heats, pafs), _ = small.apply({"params": params, "batch_stats": pruned["batch_stats"]}, x,
+                                   train=True, mutable=["batch_stats"])
+    return losses.pose_loss(heats, pafs, labels, masks, SK, params, "l1", 5e-4)[0]
+  params = jax.tree_util.tree_map(np.asarray, pruned["params"])
+  l0, g = jax.value_and_grad(loss_fn)(params)
+  tx = optax.sgd(1e-3 / float(optax.global_norm(g)))       # a small step down the gradient
+  updates, _ = tx.update(g, tx.init(params), params)
+  params = optax.apply_updates(params, updates)
+  assert np.isfinite(float(l0)) and float(loss_fn(params)) < float(l0)
+  r = E.export(c, {"params": params, "batch_stats": pruned["batch_stats"]},
+               str(tmp_path / "pruned.onnx"))
+  assert r["parity"]["max_abs_diff"] < 1e-4
+  assert r["params"] < model_lib.count_params(v)["total"]
+
+
+def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp_path, capsys):
+  from bpnet_jax import cli
+  config, workdir = trained_workdir
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
+                 f"  return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n")
+  out = tmp_path / "m.onnx"
+  assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 0
+  assert "max |diff|" in capsys.readouterr().out
+  assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 2
+  assert "already exists" in capsys.readouterr().err
+  image = np.random.default_rng(2).integers(0, 255, (90, 130, 3), np.uint8)
+  a = predict.Predictor.from_path(config, workdir).maps(image)
+  b = predict.Predictor.from_path(config, str(out)).maps(image)
+  np.testing.assert_allclose(a[0], b[0], atol=1e-4)
+  np.testing.assert_allclose(a[1], b[1], atol=1e-4)
