@@ -373,15 +373,23 @@ def cmd_export(argv):
   p.add_argument("--workdir", required=True, help="training workdir (its latest checkpoint)")
   p.add_argument("--checkpoint", help="a checkpoint or pruned model directory instead")
   p.add_argument("-o", "--output_file", required=True, help="OUT.onnx")
-  p.add_argument("--data_type", default="fp32", choices=["fp32", "fp16"])
+  p.add_argument("--data_type", default="fp32", choices=["fp32", "fp16", "int8"])
   p.add_argument("--input_dims", help="H,W,C fixed input size (default: dynamic H and W)")
   p.add_argument("--opset", type=int, default=17)
   p.add_argument("--sdk_compatible_model", action="store_true",
                  help="upsample the PAF output x4 (nearest), as the original's DeepStream model")
+  p.add_argument("--cal_image_dir", help="int8: calibration images (.jpg/.jpeg/.png)")
+  p.add_argument("--cal_data_file", help="int8: calibration tensor (.npy; reused if present)")
+  p.add_argument("--cal_cache_file", help="int8: TensorRT calibration cache (reused if present)")
+  p.add_argument("--cal_method", default="entropy", choices=["entropy", "percentile", "minmax"])
+  p.add_argument("--batches", type=int, default=10, help="int8: calibration batches")
+  p.add_argument("--batch_size", type=int, default=1, help="int8: calibration batch size")
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(rest)
   if path is None:
     raise UserError("--config=FILE is required")
+  if a.batches < 1 or a.batch_size < 1:
+    raise UserError("--batches and --batch_size must be >= 1")
   if not a.output_file.endswith(".onnx"):
     raise UserError(f"-o {a.output_file}: expected a path ending in .onnx")
   dims = None
@@ -405,15 +413,30 @@ def cmd_export(argv):
                         "tests", "data", "coco_mini", "train2017")
   images = [predict.read_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))[:2]
             ] if os.path.isdir(photos) else []
+  calibration = None
+  if a.data_type == "int8":
+    if dims is None:
+      dims = list(config.inference.input_shape)
+    n = config.dataloader.normalization_params
+    have = [x for x in (a.cal_cache_file, a.cal_data_file) if x and os.path.exists(x)]
+    if not a.cal_image_dir and not have:
+      raise UserError("--data_type int8 needs --cal_image_dir (or an existing --cal_data_file "
+                      "or --cal_cache_file)")
+    make = lambda: export.calibration_data(
+        a.cal_image_dir, dims, a.batches, a.batch_size, predict.pad_value(
+            n.image_scale, n.image_offset), n.image_scale, n.image_offset)
+    calibration = {"data": lambda: export.load_or_make_calibration_data(a.cal_data_file, make),
+                   "batch_size": a.batch_size, "method": a.cal_method,
+                   "cache_file": a.cal_cache_file}
   try:
     r = export.export(config, variables, a.output_file, input_dims=dims, data_type=a.data_type,
                       opset=a.opset, sdk_compatible=a.sdk_compatible_model, check_images=images,
-                      overwrite=a.overwrite)
+                      overwrite=a.overwrite, calibration=calibration)
   except export.ExportError as e:
     raise UserError(str(e)) from None
   print(f"{a.output_file}: {a.data_type}, input {r['input']['dims']}, {sum(r['ops'].values())} "
         f"nodes; ONNX Runtime vs JAX max |diff| {r['parity']['max_abs_diff']:.2e} "
-        f"(tolerance {r['parity']['tolerance']:g}); report "
+        f"(tolerance {r['parity']['tolerance'] or 'none for int8'}); report "
         f"{os.path.splitext(a.output_file)[0] + '.report.json'}")
 
 

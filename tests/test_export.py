@@ -130,3 +130,59 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
   b = predict.Predictor.from_path(config, str(out)).maps(image)
   np.testing.assert_allclose(a[0], b[0], atol=1e-4)
   np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+
+
+def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
+  import cv2
+  import onnx
+  import onnxruntime as ort
+  c, m, v = tiny()
+  images = tmp_path / "cal"
+  images.mkdir()
+  rng = np.random.default_rng(3)
+  for i in range(5):
+    cv2.imwrite(str(images / f"{i}.jpg"), rng.integers(0, 255, (50 + 7 * i, 80, 3), np.uint8))
+  (images / "notes.txt").write_text("not an image")
+  data = E.calibration_data(str(images), (64, 96), batches=2, batch_size=2)
+  assert data.shape == (4, 64, 96, 3) and data.dtype == np.float32
+  assert -0.5 <= data.min() and data.max() < 0.5
+  with pytest.raises(E.ExportError, match="5 images, but --batches 3 x --batch_size 2 = 6"):
+    E.calibration_data(str(images), (64, 96), batches=3, batch_size=2)
+  npy = str(tmp_path / "cal.npy")
+  same = E.load_or_make_calibration_data(npy, lambda: data)
+  again = E.load_or_make_calibration_data(npy, lambda: pytest.fail("the file is reused"))
+  np.testing.assert_array_equal(same, again)
+
+  cache = str(tmp_path / "cal.bin")
+  cal = {"data": lambda: data, "batch_size": 2, "method": "percentile", "cache_file": cache}
+  r = E.export(c, v, str(tmp_path / "m8.onnx"), input_dims=(64, 96), data_type="int8",
+               calibration=cal)
+  ops = r["ops"]
+  assert ops["QuantizeLinear"] > 20 and ops["DequantizeLinear"] > 20
+  assert "BatchNormalization" not in ops and set(ops) <= PLAIN_OPS | {"QuantizeLinear",
+                                                                     "DequantizeLinear"}
+  # Cache format: header, then 'tensor: 8 hex digits' (big-endian float32 scale = amax / 127).
+  lines = open(cache).read().splitlines()
+  assert lines[0].startswith("TRT-") and lines[0].endswith("-EntropyCalibration2")
+  import re
+  assert all(re.fullmatch(r"\S+: [0-9a-f]{8}", l) for l in lines[1:]) and len(lines) > 20
+  ranges = E.read_trt_cache(cache)
+  assert all(lo == -hi and hi > 0 for lo, hi in ranges.values())
+  # The int8 model runs in ONNX Runtime and stays close to fp32 (maps with std 0.3).
+  x = data[:1]
+  s8 = ort.InferenceSession(str(tmp_path / "m8.onnx"), providers=["CPUExecutionProvider"])
+  ref = [np.asarray(a) for a in E.inference_fn(m, v)(x)]
+  got = s8.run(None, {"input_1": x})
+  for a, b in zip(got, ref):
+    assert np.abs(a - b).max() < 0.1 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+  # A second export reuses the cache (no calibration data needed) and gives the same model.
+  r2 = E.export(c, v, str(tmp_path / "m8b.onnx"), input_dims=(64, 96), data_type="int8",
+                calibration=dict(cal, data=None))
+  assert r2["int8"]["calibration"] == "cache"
+  s8b = ort.InferenceSession(str(tmp_path / "m8b.onnx"), providers=["CPUExecutionProvider"])
+  for a, b in zip(s8b.run(None, {"input_1": x}), got):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  (tmp_path / "bad.bin").write_text("not a cache\n")
+  with pytest.raises(E.ExportError, match="not a TensorRT calibration cache"):
+    E.read_trt_cache(str(tmp_path / "bad.bin"))
+  assert onnx.load(str(tmp_path / "m8.fp32.onnx")).graph.node
