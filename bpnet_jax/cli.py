@@ -384,10 +384,16 @@ def cmd_export(argv):
   p.add_argument("--cal_method", default="entropy", choices=["entropy", "percentile", "minmax"])
   p.add_argument("--batches", type=int, default=10, help="int8: calibration batches")
   p.add_argument("--batch_size", type=int, default=1, help="int8: calibration batch size")
+  p.add_argument("--engine_file", help="also build a TensorRT engine (needs tensorrt + a GPU)")
+  p.add_argument("--max_batch_size", type=int, default=1, help="engine profile: batch 1..N")
+  p.add_argument("--max_workspace_size", type=int, default=2 << 30, help="engine, bytes")
+  p.add_argument("--saved_model", help="also write a TF SavedModel here (needs TensorFlow)")
   p.add_argument("--overwrite", action="store_true")
   a = p.parse_args(rest)
   if path is None:
     raise UserError("--config=FILE is required")
+  if a.max_batch_size < 1 or a.max_workspace_size < 1:
+    raise UserError("--max_batch_size and --max_workspace_size must be >= 1")
   if a.batches < 1 or a.batch_size < 1:
     raise UserError("--batches and --batch_size must be >= 1")
   if not a.output_file.endswith(".onnx"):
@@ -434,6 +440,20 @@ def cmd_export(argv):
                       overwrite=a.overwrite, calibration=calibration)
   except export.ExportError as e:
     raise UserError(str(e)) from None
+  if a.saved_model:
+    from bpnet_jax import model as model_lib
+    from bpnet_jax.skeleton import load_skeleton as _load
+    net = model_lib.build_model(config.model, _load(config.dataloader.pose_config.pose_config_path))
+    sm = export.export_saved_model(net, variables, a.saved_model, dims,
+                                   config.inference.output_stage_to_use,
+                                   export.check_inputs(dims), a.overwrite)
+    print(f"{a.saved_model}: TF SavedModel, max |diff| vs JAX {sm['max_abs_diff']:.2e}")
+  if a.engine_file:
+    if dims is None:
+      raise UserError("--engine_file needs --input_dims H,W,3 (engines have a fixed input size)")
+    e = export.build_engine(a.output_file, a.engine_file, a.data_type, dims, a.max_batch_size,
+                            a.max_workspace_size, a.overwrite)
+    print(f"{a.engine_file}: TensorRT {e['tensorrt']} engine, batch 1..{a.max_batch_size}")
   print(f"{a.output_file}: {a.data_type}, input {r['input']['dims']}, {sum(r['ops'].values())} "
         f"nodes; ONNX Runtime vs JAX max |diff| {r['parity']['max_abs_diff']:.2e} "
         f"(tolerance {r['parity']['tolerance'] or 'none for int8'}); report "

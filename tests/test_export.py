@@ -186,3 +186,28 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   with pytest.raises(E.ExportError, match="not a TensorRT calibration cache"):
     E.read_trt_cache(str(tmp_path / "bad.bin"))
   assert onnx.load(str(tmp_path / "m8.fp32.onnx")).graph.node
+
+
+def test_engine_without_tensorrt_fails_clearly_after_the_onnx(tmp_path):
+  try:
+    import tensorrt  # noqa: F401
+    pytest.skip("tensorrt is installed: the engine build is exercised on GPU machines")
+  except ImportError:
+    pass
+  c, m, v = tiny()
+  E.export(c, v, str(tmp_path / "m.onnx"), input_dims=(64, 64))
+  with pytest.raises(E.ExportError, match="needs TensorRT .* the ONNX export itself succeeded"):
+    E.build_engine(str(tmp_path / "m.onnx"), str(tmp_path / "m.engine"), "fp16", (64, 64))
+  assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.engine").exists()
+
+
+def test_saved_model_round_trip(tmp_path):
+  pytest.importorskip("tensorflow", reason="TensorFlow is not installed (optional extra 'tf'); "
+                      "the SavedModel export is untested here")
+  c, m, v = tiny()
+  x = E.check_inputs((64, 96))
+  r = E.export_saved_model(m, v, str(tmp_path / "sm"), (64, 96), check=x)
+  assert r["max_abs_diff"] < 1e-4 and (tmp_path / "sm" / "saved_model.pb").exists()
+  r = E.export_saved_model(m, v, str(tmp_path / "sm_dyn"), None, check=E.check_inputs(None),
+                           overwrite=True)
+  assert r["max_abs_diff"] < 1e-4
