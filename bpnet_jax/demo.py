@@ -10,10 +10,13 @@
               images_annotated/)
   DIR/pruned  the trained model pruned (`bpnet prune`; prune_report.json, model.json, state/)
   DIR/retrain the pruned model retrained briefly (load_graph), evaluated in DIR/retrain/eval
+  DIR/export  the trained model as ONNX: model.onnx (+ model.report.json), model_fp16.onnx,
+              model_int8.onnx with its calibration tensor and TensorRT calibration cache; the
+              ONNX models are evaluated like the checkpoint (DIR/export/eval_*)
 
 Re-running it reuses what is already there (data) and resumes training, so nothing is redone;
-DIR/eval, DIR/infer and DIR/pruned are recomputed from the latest checkpoint; DIR/retrain
-resumes. Export joins when it is implemented.
+DIR/eval, DIR/infer, DIR/pruned and DIR/export are recomputed from the latest checkpoint;
+DIR/retrain resumes. Export needs the optional ONNX packages (skipped with a note otherwise).
 """
 
 from __future__ import annotations
@@ -146,6 +149,49 @@ def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> 
   return {"prune": rep, "retrain": m}
 
 
+def export_and_evaluate(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> dict | None:
+  """DIR/export: fp32, fp16 and int8 ONNX models, each evaluated on the held-out split."""
+  from bpnet_jax import dataset_spec, evaluate, export, predict
+  from bpnet_jax.skeleton import load_skeleton
+  try:
+    export._require_onnx()
+  except export.ExportError as e:
+    print(f"[export] skipped: {e}")
+    return None
+  out = os.path.join(workdir, "export")
+  os.makedirs(out, exist_ok=True)
+  sk = load_skeleton(cfg.dataloader.pose_config.pose_config_path)
+  variables = predict.checkpoint_variables(cfg, sk, train_dir)
+  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
+  train_images = os.path.join(workdir, "data", "train")
+  dims = list(cfg.inference.input_shape)
+  n = cfg.dataloader.normalization_params
+  fill = predict.pad_value(n.image_scale, n.image_offset)
+  cal_file = os.path.join(out, "calibration.npy")
+  make = lambda: export.calibration_data(train_images, dims, 16, 2, fill, n.image_scale,
+                                         n.image_offset)
+  calibration = {"data": lambda: export.load_or_make_calibration_data(cal_file, make),
+                 "batch_size": 2, "method": "entropy",
+                 "cache_file": os.path.join(out, "calibration.bin")}
+  models = {"fp32": ("model.onnx", None), "fp16": ("model_fp16.onnx", None),
+            "int8": ("model_int8.onnx", dims)}
+  results = {}
+  for dtype, (name, fixed) in models.items():
+    path = os.path.join(out, name)
+    r = export.export(cfg, variables, path, input_dims=fixed, data_type=dtype,
+                      overwrite=True, calibration=calibration if dtype == "int8" else None)
+    ev = evaluate.evaluate_dataset(predict.Predictor.from_path(cfg, path), split.annotations,
+                                   split.images_dir, os.path.join(out, f"eval_{dtype}"),
+                                   progress=False, verbose=False)
+    results[dtype] = {"max_abs_diff": r["parity"]["max_abs_diff"], "AP": ev["metrics"]["AP"],
+                      "AP50": ev["metrics"]["AP50"]}
+  print("[export] " + "; ".join(
+      f"{k}: max |diff| vs JAX {v['max_abs_diff']:.1e}, AP {v['AP']:.3f}" for k, v in
+      results.items()) + f" (checkpoint AP {eval_metrics['AP']:.3f}) -> {out}")
+  return results
+
+
 def run(workdir: str) -> int:
   from bpnet_jax import train
   t0 = time.time()
@@ -162,6 +208,7 @@ def run(workdir: str) -> int:
   print(loss_curve(os.path.join(train_dir, "metrics.jsonl")))
   results = evaluate_and_infer(cfg, workdir, train_dir)
   prune_and_retrain(cfg, workdir, train_dir, results["eval"])
+  export_and_evaluate(cfg, workdir, train_dir, results["eval"])
   print(f"\ndone in {time.time() - t0:.0f} s. Outputs:\n"
         f"  {os.path.join(workdir, 'data')}            synthetic images, COCO JSON, dataset spec, "
         f"records, masks\n"
@@ -171,5 +218,7 @@ def run(workdir: str) -> int:
         f"  {os.path.join(workdir, 'eval')}            COCO keypoint AP/AR on the held-out split\n"
         f"  {os.path.join(workdir, 'infer')}           detection.json, images_annotated/\n"
         f"  {os.path.join(workdir, 'pruned')}          pruned model (prune_report.json)\n"
-        f"  {os.path.join(workdir, 'retrain')}         retrained pruned model and its evaluation")
+        f"  {os.path.join(workdir, 'retrain')}         retrained pruned model and its evaluation\n"
+        f"  {os.path.join(workdir, 'export')}          ONNX fp32 / fp16 / int8 models, calibration "
+        f"cache, evaluations")
   return 0

@@ -14,14 +14,22 @@ def test_demo_runs_the_pipeline_into_one_folder(tmp_path, monkeypatch, capsys):
                "train/metrics.jsonl", "train/checkpoints", "eval/metrics.json",
                "eval/results.csv", "infer/detection.json", "infer/images_annotated",
                "pruned/prune_report.json", "pruned/model.json", "retrain/checkpoints",
-               "retrain/eval/metrics.json"):
+               "retrain/eval/metrics.json", "export/model.onnx", "export/model.report.json",
+               "export/model_fp16.onnx", "export/model_int8.onnx", "export/calibration.bin",
+               "export/eval_int8/metrics.json"):
     assert os.path.exists(tmp_path / path), path
   assert "step" in out and "loss" in out and "validation loss" in out
   assert "[eval]" in out and "[infer]" in out and "[prune]" in out and "[retrain]" in out
+  assert "[export]" in out
   import json
   det = json.load(open(tmp_path / "infer" / "detection.json"))
   assert det["counts"]["images"] == len(os.listdir(tmp_path / "infer" / "images_annotated")) > 6
   assert any("coco_mini" in e["file"] for e in det["images"])
-  # A second run reuses the data and finds training complete.
+  # A second run reuses the data and finds training complete (the later stages, tested above,
+  # are skipped here to keep the suite fast).
+  monkeypatch.setattr(demo, "evaluate_and_infer", lambda *a: {"eval": {"AP": 0.0}})
+  monkeypatch.setattr(demo, "prune_and_retrain", lambda *a: None)
+  monkeypatch.setattr(demo, "export_and_evaluate", lambda *a: None)
   assert demo.run(str(tmp_path)) == 0
-  assert "[data] 12 train" not in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "[data] 12 train" not in out and "step 2/2" in out
