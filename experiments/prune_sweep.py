@@ -2,13 +2,16 @@
 
   python experiments/prune_sweep.py --demo_dir=demo_out [--thresholds 0.1 0.3 0.5 0.7]
       [--retrain_epochs 5] [--min_filters 4] [--granularity 4]
+  python experiments/prune_sweep.py --overfit_dir=DIR --eval_size 224 ...
 
-Takes the model `bpnet demo --workdir=demo_out` trained (demo_out/train, configs/demo.py on the
-synthetic data), and for each threshold: prunes it (`bpnet_jax.prune.prune_checkpoint`, max
-normaliser, union), evaluates the pruned model as is, retrains it with `load_graph` for
---retrain_epochs epochs (regularisation off, stage-wise LR multipliers on), and evaluates again
-on the held-out synthetic split (pycocotools keypoint AP). The unpruned model is the first row.
-Outputs go to demo_out/prune_sweep/; the table is printed (markdown) for docs/pruning.md.
+The model: `bpnet demo --workdir=demo_out` (demo_out/train, configs/demo.py on the synthetic
+data, evaluated on the held-out split), or `experiments/synthetic_overfit.py --workdir=DIR`
+(trained without augmentation on 12 images and evaluated on those same images: a measure of what
+pruning removes from what the model learned, not of generalisation). For each threshold: prune
+(`bpnet_jax.prune.prune_checkpoint`, max normaliser, union), evaluate as is, retrain with
+`load_graph` for --retrain_epochs epochs (regularisation off, stage-wise LR multipliers on) and
+evaluate again (pycocotools keypoint AP). The unpruned model is the first row. Outputs go to
+<dir>/prune_sweep/; the table is printed (markdown) for docs/pruning.md.
 """
 
 import argparse
@@ -19,9 +22,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+SPLIT = "test"
+
+
 def evaluate(cfg, model_dir, data_dir, out_dir):
   from bpnet_jax import dataset_spec, evaluate as ev, predict
-  split = dataset_spec.load_spec(os.path.join(data_dir, "dataset_spec.json")).split("test")
+  split = dataset_spec.load_spec(os.path.join(data_dir, "dataset_spec.json")).split(SPLIT)
   p = predict.Predictor.from_path(cfg, model_dir)
   return ev.evaluate_dataset(p, split.annotations, split.images_dir, out_dir, progress=False,
                              verbose=False)["metrics"]
@@ -29,7 +35,11 @@ def evaluate(cfg, model_dir, data_dir, out_dir):
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--demo_dir", required=True, help="a `bpnet demo` workdir")
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--demo_dir", help="a `bpnet demo` workdir")
+  src.add_argument("--overfit_dir", help="an experiments/synthetic_overfit.py --workdir")
+  ap.add_argument("--eval_size", type=int, default=0,
+                  help="inference input height/width (default: the config's)")
   ap.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7])
   ap.add_argument("--retrain_epochs", type=int, default=5)
   ap.add_argument("--min_filters", type=int, default=4, help="-nf (the demo model is 1/8 wide)")
@@ -38,9 +48,17 @@ def main():
 
   from bpnet_jax import demo, model as model_lib, prune, train
   from bpnet_jax.skeleton import load_skeleton
-  cfg = demo.demo_config(a.demo_dir)
-  data, trained = os.path.join(a.demo_dir, "data"), os.path.join(a.demo_dir, "train")
-  out = os.path.join(a.demo_dir, "prune_sweep")
+  global SPLIT
+  if a.demo_dir:
+    root, cfg = a.demo_dir, demo.demo_config(a.demo_dir)
+  else:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from synthetic_overfit import overfit_config
+    root, cfg, SPLIT = a.overfit_dir, overfit_config(a.overfit_dir), "train"
+  if a.eval_size:
+    cfg.inference.input_shape = (a.eval_size, a.eval_size)
+  data, trained = os.path.join(root, "data"), os.path.join(root, "train")
+  out = os.path.join(root, "prune_sweep")
   os.makedirs(out, exist_ok=True)
   sk = load_skeleton()
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
@@ -62,6 +80,7 @@ def main():
     rc.trainer.num_epoch = a.retrain_epochs
     rc.trainer.checkpoint_n_epoch = a.retrain_epochs
     rc.trainer.validation_every_n_epoch = 0
+    rc.trainer.summary_every_n_steps = 1
     rdir = os.path.join(out, f"retrain_{th:g}")
     train.train(rc, rdir, progress=False)
     after = evaluate(rc, rdir, data, os.path.join(out, f"eval_retrain_{th:g}"))

@@ -41,6 +41,28 @@ def peak_distances(heat, joints, valid, stride, threshold=0.1):
   return np.array(out)
 
 
+def overfit_config(work: str, epochs: int = 400, lr: float = 5e-4):
+  """configs/demo.py on WORK/records/train without augmentation or regularisation."""
+  from configs import demo
+  cfg = demo.get_config()
+  d = cfg.dataloader
+  d.dataset_config.train_records_folder_path = os.path.join(work, "records")
+  d.dataset_config.train_records_path = ("train-fold-000-of-001",)
+  d.dataset_config.dataset_specs = {"coco": os.path.join(work, "data", "dataset_spec.json")}
+  d.max_image_size = (240, 320)
+  sp = d.augmentation_config.spatial_aug_params
+  sp.flip_lr_prob, sp.rotate_deg_min, sp.rotate_deg_max = 0.0, 0.0, 0.0
+  sp.translate_min_x = sp.translate_max_x = sp.translate_min_y = sp.translate_max_y = 0.0
+  cfg.trainer.num_epoch = epochs
+  cfg.trainer.checkpoint_n_epoch = epochs
+  cfg.trainer.summary_every_n_steps = 10
+  cfg.trainer.validation_every_n_epoch = 0
+  cfg.model.regularization_type = "none"
+  cfg.optimizer.learning_rate_schedule.base_learning_rate = lr
+  cfg.optimizer.learning_rate_schedule.min_learning_rate = lr / 100
+  return cfg
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", default=None)
@@ -53,7 +75,6 @@ def main():
   import numpy as np
   from bpnet_jax import augment, convert, input_pipeline as ip, synthetic, train
   from bpnet_jax.skeleton import load_skeleton
-  from configs import demo
 
   work = a.workdir or tempfile.mkdtemp(prefix="bpnet_overfit_")
   data = os.path.join(work, "data")
@@ -63,22 +84,8 @@ def main():
   if not os.path.exists(rec + "-fold-000-of-001"):
     convert.convert(os.path.join(data, "dataset_spec.json"), rec, "train", generate_masks=True)
 
-  cfg = demo.get_config()
+  cfg = overfit_config(work, a.epochs, a.lr)
   d = cfg.dataloader
-  d.dataset_config.train_records_folder_path = os.path.dirname(rec)
-  d.dataset_config.train_records_path = ("train-fold-000-of-001",)
-  d.dataset_config.dataset_specs = {"coco": os.path.join(data, "dataset_spec.json")}
-  d.max_image_size = (240, 320)
-  sp = d.augmentation_config.spatial_aug_params
-  sp.flip_lr_prob, sp.rotate_deg_min, sp.rotate_deg_max = 0.0, 0.0, 0.0
-  sp.translate_min_x = sp.translate_max_x = sp.translate_min_y = sp.translate_max_y = 0.0
-  cfg.trainer.num_epoch = a.epochs
-  cfg.trainer.checkpoint_n_epoch = a.epochs
-  cfg.trainer.summary_every_n_steps = 10
-  cfg.trainer.validation_every_n_epoch = 0
-  cfg.model.regularization_type = "none"
-  cfg.optimizer.learning_rate_schedule.base_learning_rate = a.lr
-  cfg.optimizer.learning_rate_schedule.min_learning_rate = a.lr / 100
   out = train.train(cfg, os.path.join(work, "train"))
   state = out["state"]
 
