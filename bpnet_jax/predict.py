@@ -23,7 +23,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import math
 import os
 from typing import Callable, Iterable, Iterator, Sequence
 

@@ -2,7 +2,6 @@
 CLI running exported models."""
 
 import json
-import os
 
 import jax
 import numpy as np

@@ -2,7 +2,6 @@
 filters go, the pruned architecture as data, retraining, and the CLI."""
 
 import json
-import os
 
 import jax
 import numpy as np
