@@ -60,3 +60,12 @@ def trained_workdir(synth_records, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("trained"))
   train.train(config, workdir, progress=False)
   return config, workdir
+
+
+def write_config_file(config, path) -> str:
+  """A config file whose get_config() returns `config` (for command-line tests)."""
+  import json
+  with open(path, "w") as f:
+    f.write("import json\nimport ml_collections\n\n\ndef get_config():\n"
+            f"  return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n")
+  return str(path)

@@ -116,9 +116,8 @@ def test_pruned_model_trains_a_step_and_exports(tmp_path):
 def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp_path, capsys):
   from bpnet_jax import cli
   config, workdir = trained_workdir
-  cfg = tmp_path / "cfg.py"
-  cfg.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
-                 f"  return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n")
+  from conftest import write_config_file
+  cfg = write_config_file(config, tmp_path / "cfg.py")
   out = tmp_path / "m.onnx"
   assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 0
   assert "max |diff|" in capsys.readouterr().out

@@ -23,11 +23,8 @@ def run_cli(*args):
 @pytest.fixture(scope="module")
 def setup(trained_workdir, synth_records, tmp_path_factory):
   config, workdir = trained_workdir
-  cfg_path = os.path.join(workdir, "config_test.py")
-  # A config file holding the trained config (a user keeps theirs next to the workdir).
-  with open(cfg_path, "w") as f:
-    f.write("import json\nimport ml_collections\n\n\ndef get_config():\n"
-            f"  return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n")
+  from conftest import write_config_file
+  cfg_path = write_config_file(config, os.path.join(workdir, "config_test.py"))
   return cfg_path, workdir, synth_records[0], tmp_path_factory.mktemp("inference")
 
 

@@ -152,9 +152,8 @@ def test_excluded_layers_and_bad_options():
 def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
   from bpnet_jax import cli, predict, train
   config, workdir = trained_workdir
-  cfg_path = tmp_path / "cfg.py"
-  cfg_path.write_text("import json\nimport ml_collections\n\n\ndef get_config():\n"
-                      f"  return ml_collections.ConfigDict(json.loads({json.dumps(config.to_dict())!r}))\n")
+  from conftest import write_config_file
+  cfg_path = write_config_file(config, tmp_path / "cfg.py")
   out = tmp_path / "pruned"
   args = ["prune", f"--config={cfg_path}", f"--workdir={workdir}", f"-o={out}", "-pth=0.8",
           "-nf=4", "-pg=2", "-el", "backbone/block_1a_conv_1"]
