@@ -102,7 +102,8 @@ def test_pruned_model_trains_a_step_and_exports(tmp_path):
                                    train=True, mutable=["batch_stats"])
     return losses.pose_loss(heats, pafs, labels, masks, SK, params, "l1", 5e-4)[0]
   params = jax.tree_util.tree_map(np.asarray, pruned["params"])
-  l0, g = jax.value_and_grad(loss_fn)(params)
+  loss_fn = jax.jit(loss_fn)
+  l0, g = jax.jit(jax.value_and_grad(loss_fn))(params)
   tx = optax.sgd(1e-3 / float(optax.global_norm(g)))       # a small step down the gradient
   updates, _ = tx.update(g, tx.init(params), params)
   params = optax.apply_updates(params, updates)
