@@ -94,8 +94,9 @@ def loss_curve(metrics_path: str, rows: int = 10, width: int = 40) -> str:
 
 
 COCO_PHOTOS = os.path.join("tests", "data", "coco_mini", "train2017")
-# The demo model is 1/8 wide (8..64 filters per conv): prune in steps of 4, keep at least 4.
-DEMO_PRUNE = dict(threshold=0.3, min_filters=4, granularity=4)
+# The demo model is 1/8 wide (8..64 filters per conv): prune in steps of 4, keep at least 4;
+# its filters have near-uniform norms after 20 epochs, so only a high threshold removes any.
+DEMO_PRUNE = dict(threshold=0.9, min_filters=4, granularity=4)
 DEMO_RETRAIN_EPOCHS = 5
 
 
