@@ -410,11 +410,7 @@ def cmd_export(argv):
   from bpnet_jax import config as config_lib, export, predict
   from bpnet_jax.skeleton import load_skeleton
   config = config_lib.validate(load_config_file(path, overrides))
-  src = a.checkpoint or a.workdir
-  config = predict.model_config_for(config, src)
-  variables = predict.checkpoint_variables(
-      config, load_skeleton(config.dataloader.pose_config.pose_config_path), src)
-  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  config, variables = predict.load_model(config, a.checkpoint or a.workdir)
   photos = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "tests", "data", "coco_mini", "train2017")
   images = [predict.read_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))[:2]
@@ -423,17 +419,12 @@ def cmd_export(argv):
   if a.data_type == "int8":
     if dims is None:
       dims = list(config.inference.input_shape)
-    n = config.dataloader.normalization_params
     have = [x for x in (a.cal_cache_file, a.cal_data_file) if x and os.path.exists(x)]
     if not a.cal_image_dir and not have:
       raise UserError("--data_type int8 needs --cal_image_dir (or an existing --cal_data_file "
                       "or --cal_cache_file)")
-    make = lambda: export.calibration_data(
-        a.cal_image_dir, dims, a.batches, a.batch_size, predict.pad_value(
-            n.image_scale, n.image_offset), n.image_scale, n.image_offset)
-    calibration = {"data": lambda: export.load_or_make_calibration_data(a.cal_data_file, make),
-                   "batch_size": a.batch_size, "method": a.cal_method,
-                   "cache_file": a.cal_cache_file}
+    calibration = export.int8_calibration(config, a.cal_image_dir, dims, a.batches, a.batch_size,
+                                          a.cal_method, a.cal_data_file, a.cal_cache_file)
   try:
     r = export.export(config, variables, a.output_file, input_dims=dims, data_type=a.data_type,
                       opset=a.opset, sdk_compatible=a.sdk_compatible_model, check_images=images,
@@ -442,8 +433,8 @@ def cmd_export(argv):
     raise UserError(str(e)) from None
   if a.saved_model:
     from bpnet_jax import model as model_lib
-    from bpnet_jax.skeleton import load_skeleton as _load
-    net = model_lib.build_model(config.model, _load(config.dataloader.pose_config.pose_config_path))
+    net = model_lib.build_model(config.model,
+                                load_skeleton(config.dataloader.pose_config.pose_config_path))
     sm = export.export_saved_model(net, variables, a.saved_model, dims,
                                    config.inference.output_stage_to_use,
                                    export.check_inputs(dims), a.overwrite)

@@ -153,7 +153,6 @@ def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> 
 def export_and_evaluate(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> dict | None:
   """DIR/export: fp32, fp16 and int8 ONNX models, each evaluated on the held-out split."""
   from bpnet_jax import dataset_spec, evaluate, export, predict
-  from bpnet_jax.skeleton import load_skeleton
   try:
     export._require_onnx()
   except export.ExportError as e:
@@ -161,20 +160,13 @@ def export_and_evaluate(cfg, workdir: str, train_dir: str, eval_metrics: dict) -
     return None
   out = os.path.join(workdir, "export")
   os.makedirs(out, exist_ok=True)
-  sk = load_skeleton(cfg.dataloader.pose_config.pose_config_path)
-  variables = predict.checkpoint_variables(cfg, sk, train_dir)
-  variables = {k: variables[k] for k in ("params", "batch_stats")}
+  _, variables = predict.load_model(cfg, train_dir)
   split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
-  train_images = os.path.join(workdir, "data", "train")
   dims = list(cfg.inference.input_shape)
-  n = cfg.dataloader.normalization_params
-  fill = predict.pad_value(n.image_scale, n.image_offset)
-  cal_file = os.path.join(out, "calibration.npy")
-  make = lambda: export.calibration_data(train_images, dims, 16, 2, fill, n.image_scale,
-                                         n.image_offset)
-  calibration = {"data": lambda: export.load_or_make_calibration_data(cal_file, make),
-                 "batch_size": 2, "method": "entropy",
-                 "cache_file": os.path.join(out, "calibration.bin")}
+  calibration = export.int8_calibration(
+      cfg, os.path.join(workdir, "data", "train"), dims, batches=16, batch_size=2,
+      data_file=os.path.join(out, "calibration.npy"),
+      cache_file=os.path.join(out, "calibration.bin"))
   models = {"fp32": ("model.onnx", None), "fp16": ("model_fp16.onnx", None),
             "int8": ("model_int8.onnx", dims)}
   results = {}

@@ -57,19 +57,14 @@ def coco_eval(gt, results: list[dict], verbose: bool = True) -> dict:
   """
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
-  quiet = contextlib.redirect_stdout(io.StringIO())
-  if isinstance(gt, str):
-    with quiet:
-      gt = COCO(gt)
   if not results:
     if verbose:
       print("no detections: every metric is 0")
     return {m: 0.0 for m in METRICS}
-  with contextlib.redirect_stdout(io.StringIO()):
-    dt = gt.loadRes(results)
-  ev = COCOeval(gt, dt, "keypoints")
-  ev.params.maxDets = [MAX_DETS]
-  with contextlib.redirect_stdout(io.StringIO()):
+  with contextlib.redirect_stdout(io.StringIO()):      # pycocotools prints progress
+    gt = COCO(gt) if isinstance(gt, str) else gt
+    ev = COCOeval(gt, gt.loadRes(results), "keypoints")
+    ev.params.maxDets = [MAX_DETS]
     ev.evaluate()
     ev.accumulate()
   buf = io.StringIO()

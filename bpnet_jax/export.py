@@ -296,6 +296,20 @@ def load_or_make_calibration_data(cal_data_file: str | None, make) -> np.ndarray
   return data
 
 
+def int8_calibration(config, image_dir: str | None, input_dims: Sequence[int], batches: int,
+                     batch_size: int, method: str = "entropy", data_file: str | None = None,
+                     cache_file: str | None = None) -> dict:
+  """The `calibration` argument of `export` for int8: images of `image_dir` preprocessed with
+  the config's normalisation, through `data_file` (made once, then reused) and `cache_file`."""
+  from bpnet_jax.predict import pad_value
+  n = config.dataloader.normalization_params
+  make = lambda: calibration_data(image_dir, input_dims, batches, batch_size,
+                                  pad_value(n.image_scale, n.image_offset), n.image_scale,
+                                  n.image_offset)
+  return {"data": lambda: load_or_make_calibration_data(data_file, make),
+          "batch_size": batch_size, "method": method, "cache_file": cache_file}
+
+
 def write_trt_cache(path: str, ranges: dict, version: str | None = None) -> None:
   """TensorRT calibration cache: 'TRT-<ver>-EntropyCalibration2', then one line per tensor,
   'name: <big-endian float32 scale in hex>', scale = max |range| / 127."""

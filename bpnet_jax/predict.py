@@ -349,6 +349,14 @@ def model_config_for(config, path: str):
   return config
 
 
+def load_model(config, path: str):
+  """(config with the model's layer widths, {'params', 'batch_stats'}) of a checkpoint, a
+  pruned model directory or a retrain workdir; InferenceError if it does not fit the config."""
+  config = model_config_for(config, path)
+  sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
+  return config, checkpoint_variables(config, sk, path)
+
+
 def checkpoint_variables(config, skeleton: Skeleton, path: str):
   """{'params', 'batch_stats'} of a training checkpoint, checked against the config's model."""
   from bpnet_jax import model as model_lib, train as train_lib
@@ -464,8 +472,8 @@ class Predictor:
       return cls(config, OnnxBackend(path, sk, n.image_scale, n.image_offset), sk, path)
     if path.endswith((".engine", ".trt", ".plan")):
       return cls(config, TensorRTBackend(path, sk, n.image_scale, n.image_offset), sk, path)
-    config = model_config_for(config, path)
-    return cls.from_variables(config, checkpoint_variables(config, sk, path), sk, path)
+    config, variables = load_model(config, path)
+    return cls.from_variables(config, variables, sk, path)
 
   # ---- one image -------------------------------------------------------------------------------
   def prepare(self, image: np.ndarray):
@@ -496,11 +504,8 @@ class Predictor:
 
   def finish(self, handle) -> list[dict]:
     """Decodes a dispatched image: people in original-image pixels."""
-    (heat, paf), (g,) = handle
-    heat, paf = np.asarray(heat)[0], np.asarray(paf)[0]
-    # Keep the cells that cover the resized image (the bottom/right padding has no people).
-    h, w = -(-g.size[0] // OUTPUT_STRIDE), -(-g.size[1] // OUTPUT_STRIDE)
-    people = postprocess.decode(heat[:h, :w], paf[:h, :w], **self.decode_kwargs)
+    heat, paf, g = _crop(handle)
+    people = postprocess.decode(heat, paf, **self.decode_kwargs)
     for p in people:
       kp = p["keypoints"]
       found = kp[:, 2] > 0
@@ -509,9 +514,7 @@ class Predictor:
 
   def maps(self, image: np.ndarray):
     """(heat (h, w, J+1), paf (h, w, 2L), Geometry) of the grid the decoder sees."""
-    (heat, paf), (g,) = self.dispatch(self.prepare(image))
-    h, w = -(-g.size[0] // OUTPUT_STRIDE), -(-g.size[1] // OUTPUT_STRIDE)
-    return np.asarray(heat)[0, :h, :w], np.asarray(paf)[0, :h, :w], g
+    return _crop(self.dispatch(self.prepare(image)))
 
   def predict(self, image: np.ndarray) -> list[dict]:
     """People in one (H, W, 3) uint8 RGB image, in its pixels."""
@@ -575,6 +578,14 @@ class Predictor:
         yield (item, None, err) if err else (item, self.finish(handle), None)
     finally:
       pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _crop(handle):
+  """(heat, paf, Geometry) of a dispatched image, cropped to the cells that cover the resized
+  image (the bottom/right padding has no people)."""
+  (heat, paf), (g,) = handle
+  h, w = -(-g.size[0] // OUTPUT_STRIDE), -(-g.size[1] // OUTPUT_STRIDE)
+  return np.asarray(heat)[0, :h, :w], np.asarray(paf)[0, :h, :w], g
 
 
 def people_to_json(people: list[dict], skeleton: Skeleton) -> list[dict]:

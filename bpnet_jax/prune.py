@@ -315,11 +315,9 @@ def prune_checkpoint(config, checkpoint: str, out_dir: str, threshold: float = 0
   from bpnet_jax.skeleton import load_skeleton
   sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
   try:
-    config = predict.model_config_for(config, checkpoint)
-    variables = predict.checkpoint_variables(config, sk, checkpoint)
+    config, variables = predict.load_model(config, checkpoint)
   except predict.InferenceError as e:
     raise PruneError(str(e)) from None
-  variables = {k: variables[k] for k in ("params", "batch_stats")}
   model = model_lib.build_model(config.model, sk)
   graph = model_graph(model)
   pruned, widths, layers = prune(variables, graph, threshold, normalizer, criterion,

@@ -64,11 +64,10 @@ def main():
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
   base = evaluate(cfg, trained, data, os.path.join(out, "eval_unpruned"))
   from bpnet_jax import predict
-  variables = predict.checkpoint_variables(cfg, sk, trained)
+  _, variables = predict.load_model(cfg, trained)
   net = model_lib.build_model(cfg.model, sk)
   rows = [("unpruned", model_lib.count_params(variables)["total"],
-           prune.flops(net, {k: variables[k] for k in ("params", "batch_stats")}, h, w),
-           base, base, 0.0)]
+           prune.flops(net, variables, h, w), base, base, 0.0)]
   for th in a.thresholds:
     t0 = time.time()
     pdir = os.path.join(out, f"pruned_{th:g}")

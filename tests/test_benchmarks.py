@@ -9,29 +9,29 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_input_pipeline_benchmark_smoke():
-  r = subprocess.run([sys.executable, "benchmarks/input_pipeline.py", "--smoke"], cwd=ROOT,
+def run_smoke(script):
+  """stdout of `python benchmarks/<script> --smoke` (fails the test on a non-zero exit)."""
+  r = subprocess.run([sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT,
                      capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-2000:]
+  return r.stdout
+
+
+def test_input_pipeline_benchmark_smoke():
+  out = run_smoke("input_pipeline.py")
   for needle in ("host decode+pad", "host grain pipeline", "device augment+targets"):
-    assert needle in r.stdout
+    assert needle in out
 
 
 def test_decode_benchmark_smoke():
-  r = subprocess.run([sys.executable, "benchmarks/decode.py", "--smoke"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 0, r.stderr[-2000:]
+  out = run_smoke("decode.py")
   for needle in ("bpnet_jax.decode (fast)", "reference (original-style)", "speed ratio"):
-    assert needle in r.stdout
+    assert needle in out
 
 
 def test_export_benchmark_smoke():
   pytest.importorskip("jax2onnx")
-  r = subprocess.run([sys.executable, "benchmarks/export.py", "--smoke"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert r.returncode == 0, r.stderr[-2000:]
+  out = run_smoke("export.py")
   for needle in ("fp32", "fp16", "int8", "speed-up int8 vs fp32"):
-    assert needle in r.stdout
+    assert needle in out
