@@ -108,7 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
           paf_ortho_dist_thresh=1.0,     # output cells
       ),
       shuffle_buffer_size=20000,     # records; >= the dataset size shuffles globally, 0 never
-      num_workers=0,                 # host decode processes (0: decode in the main process)
+      num_workers=-1,                # host decode processes (0: in the main process; -1: all
+                                     # host cores but two with an accelerator, 0 on the CPU)
       max_image_size=(640, 640),     # host canvas (H, W); larger images are shrunk to fit
       max_people=20,                 # people per record kept (main person first)
   )
@@ -299,7 +300,7 @@ def validate(config) -> ml_collections.ConfigDict:
        "dataloader.normalization_params.mask_scale", "[one positive number]")
   need(len(n.mask_offset) == 1, "dataloader.normalization_params.mask_offset", "[one number]")
   need(d.shuffle_buffer_size >= 0, "dataloader.shuffle_buffer_size", "an integer >= 0")
-  need(d.num_workers >= 0, "dataloader.num_workers", "an integer >= 0")
+  need(d.num_workers >= -1, "dataloader.num_workers", "an integer >= 0, or -1 (automatic)")
   need(len(d.max_image_size) == 2 and all(isinstance(v, int) and v >= 8 for v in d.max_image_size),
        "dataloader.max_image_size", "[height, width] integers >= 8")
   need(d.max_people >= 1, "dataloader.max_people", "an integer >= 1")

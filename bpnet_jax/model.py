@@ -278,7 +278,18 @@ def build_model(model_config, skeleton: Skeleton, compute_dtype: str = "float32"
 
 
 def init_variables(model: nn.Module, rng, height: int = 256, width: int = 256, batch: int = 1):
-  """Initialises {'params', 'batch_stats'} for an input of (batch, height, width, 3)."""
+  """Initialises {'params', 'batch_stats'} for an input of (batch, height, width, 3).
+
+  rng: a key; a threefry key is mapped (deterministically) to an RBG key first. XLA:CPU takes
+  ~10 s to compile the ~60 threefry samplers of a model's initialisers and ~2 s for RBG
+  (XLA's RngBitGenerator), which is most of the start-up of a small training run.
+  """
+  if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)                  # a raw uint32 (threefry) key
+  if jax.random.key_impl(rng) != jax.random.key_impl(jax.random.key(0, impl="rbg")):
+    data = jax.random.key_data(rng).reshape(-1).astype(jnp.uint32)
+    rng = jax.random.wrap_key_data(jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)]),
+                                   impl="rbg")
   return model.init(rng, jnp.zeros((batch, height, width, 3), jnp.float32), train=False)
 
 

@@ -35,3 +35,24 @@ def test_export_benchmark_smoke():
   out = run_smoke("export.py")
   for needle in ("fp32", "fp16", "int8", "speed-up int8 vs fp32"):
     assert needle in out
+
+
+def test_train_step_benchmark_smoke():
+  out = run_smoke("train_step.py")
+  assert "| float32 | 4 |" in out and "| bfloat16 | 4 |" in out
+  assert "forward" in out and "GFLOPs per image" in out
+
+
+def test_end_to_end_benchmark_smoke():
+  out = run_smoke("end_to_end.py")
+  for needle in ("host decode capacity", "full pipeline (train.train", "data on device",
+                 "ratio full / on-device"):
+    assert needle in out
+
+
+def test_inference_benchmark_smoke():
+  pytest.importorskip("jax2onnx")
+  out = run_smoke("inference.py")
+  for needle in ("| jax-fp32 | cpu | 64x64 | 2 |", "| jax-bf16 |", "| ort-fp32 |", "| ort-int8 |",
+                 "| trt-fp16 |", "end to end at 64x96"):
+    assert needle in out

@@ -172,3 +172,10 @@ def test_train_dataset_from_config(data):
   dc.train_records_path = ["missing-fold-000-of-001"]
   with pytest.raises(FileNotFoundError, match="missing-fold"):
     ip.train_dataset_from_config(cfg, SK)
+
+
+def test_auto_num_workers_scales_with_cores_on_accelerators():
+  assert ip.auto_num_workers("cpu", 16) == 0        # the CPU backend decodes in the main process
+  assert ip.auto_num_workers("gpu", 16) == 14
+  assert ip.auto_num_workers("gpu", 2) == 1
+  assert ip.auto_num_workers("tpu", 240) == 32

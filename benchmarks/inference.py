@@ -1,0 +1,244 @@
+"""Inference latency and throughput: JAX (jit, fp32/bf16), ONNX Runtime (fp32/int8), TensorRT
+(fp16/int8, when installed), network only and end to end.
+
+  python benchmarks/inference.py                        # configs/coco.py, all sizes, batch 1, 8
+  python benchmarks/inference.py --sizes 288x384 --batches 8 --backends jax-bf16
+  python benchmarks/inference.py --model WORKDIR        # trained weights (else random)
+  python benchmarks/inference.py --smoke                # tiny, for CI
+
+Network: the model's forward pass on a device-resident (JAX) / host (ONNX Runtime, TensorRT)
+normalised batch at each HxW and batch size. `latency ms` is the median of --repeats
+synchronous calls; `images/s` is batch x --repeats / the time of --repeats back-to-back calls
+(JAX dispatches asynchronously, so consecutive calls overlap host and device work).
+
+End to end (--e2e_size, batch 1 per image as `bpnet inference` runs): `Predictor.predict_iter`
+over the real photos in tests/data/coco_mini (JPEG decode, resize/pad on --e2e_workers host
+threads, network, bicubic peak search and limb assembly), images/s over the whole folder after
+one warm-up pass. With random weights the decoder finds few peaks, so its share is small; pass
+--model for a trained model's figure.
+
+ONNX models are exported with `bpnet_jax.export` (each export checks parity against JAX; int8
+is calibrated on random inputs, which is fine for timing). TensorRT engines are built when the
+`tensorrt` package and a CUDA GPU are present; otherwise those rows say why they are missing.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+BACKENDS = ("jax-fp32", "jax-bf16", "ort-fp32", "ort-int8", "trt-fp16", "trt-int8")
+
+
+def timed(call, repeats: int, sync) -> tuple[float, float]:
+  """(median synchronous seconds per call, seconds for `repeats` back-to-back calls)."""
+  sync(call())                                       # warm-up (compilation, allocation)
+  lat = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    sync(call())
+    lat.append(time.perf_counter() - t)
+  t = time.perf_counter()
+  out = None
+  for _ in range(repeats):
+    out = call()
+  sync(out)
+  return statistics.median(lat), time.perf_counter() - t
+
+
+def jax_forward(config, variables, dtype: str):
+  """jit(normalised (B, H, W, 3) float32 -> last-stage (heat, paf) float32) for a compute dtype."""
+  import jax
+  import jax.numpy as jnp
+  from bpnet_jax import model as model_lib, skeleton as skeleton_lib
+  sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
+  model = model_lib.build_model(config.model, sk, dtype)
+
+  @jax.jit
+  def forward(v, x):
+    heats, pafs = model.apply(v, x, train=False)
+    return heats[-1].astype(jnp.float32), pafs[-1].astype(jnp.float32)
+  return model, forward
+
+
+def ort_session(path: str):
+  import onnxruntime as ort
+  providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+               if p in ort.get_available_providers()]
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 3
+  s = ort.InferenceSession(path, opts, providers=providers)
+  return s, s.get_providers()[0]
+
+
+def trt_missing() -> str | None:
+  """Why TensorRT rows cannot run here, or None."""
+  try:
+    import tensorrt  # noqa: F401
+  except ImportError:
+    return "the tensorrt package is not installed"
+  try:
+    import torch
+  except ImportError:
+    return "PyTorch (for CUDA buffers) is not installed"
+  if not torch.cuda.is_available():
+    return "no CUDA GPU"
+  return None
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--config", default="coco", help="configs/<name>.py or a path")
+  p.add_argument("--model", default=None, help="a training workdir / checkpoint (else random)")
+  p.add_argument("--sizes", default="224x320,288x384,320x448", help="HxW list")
+  p.add_argument("--batches", default="1,8")
+  p.add_argument("--backends", default=",".join(BACKENDS))
+  p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--e2e_size", default="288x384", help="HxW of the end-to-end run ('' skips)")
+  p.add_argument("--e2e_backends", default="jax-fp32,jax-bf16,ort-fp32")
+  p.add_argument("--e2e_workers", type=int, default=4)
+  p.add_argument("--e2e_images", type=int, default=0, help="limit (0: the whole folder)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.add_argument("--smoke", action="store_true", help="tiny config and sizes, for CI")
+  a = p.parse_args()
+  if a.smoke:
+    a.config, a.sizes, a.batches, a.repeats, a.e2e_size, a.e2e_images = \
+        "demo", "64x64", "1,2", 2, "64x96", 3
+    a.backends = "jax-fp32,jax-bf16,ort-fp32,ort-int8,trt-fp16"
+    a.e2e_backends = "jax-fp32,ort-fp32"
+  sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",") if s]
+  batches = [int(b) for b in a.batches.split(",")]
+  backends = [b for b in a.backends.split(",") if b]
+  unknown = set(backends) - set(BACKENDS)
+  if unknown:
+    sys.exit(f"inference benchmark: unknown backends {sorted(unknown)}; choose from {BACKENDS}")
+
+  import tempfile
+  import jax
+  import numpy as np
+  from bpnet_jax import model as model_lib, predict
+  config = _common.load_config(a.config, a.set)
+  if a.model:
+    config, variables = predict.load_model(config, a.model)
+  else:
+    from bpnet_jax import skeleton as skeleton_lib
+    sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
+    variables = model_lib.init_variables(model_lib.build_model(config.model, sk),
+                                         jax.random.key(0), 64, 64)
+  print(f"machine: {_common.machine_line()}")
+  print(f"config {a.config}: {config.model.architecture}, {config.model.stages} stages, "
+        f"{model_lib.count_params(variables)['total']:,} params, "
+        f"{'weights ' + a.model if a.model else 'random weights'}")
+  rng = np.random.default_rng(0)
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    onnx_paths = {}
+
+    def onnx_model(kind: str, hw):
+      """Exported model path for ('fp32', None) (dynamic H, W) or ('int8', (H, W))."""
+      from bpnet_jax import export
+      key = (kind, hw)
+      if key not in onnx_paths:
+        path = os.path.join(tmp, f"{kind}_{hw[0] if hw else 'dyn'}x{hw[1] if hw else ''}.onnx")
+        cal = None
+        if kind == "int8":
+          data = rng.uniform(-0.5, 0.5, (4, hw[0], hw[1], 3)).astype(np.float32)
+          cal = {"data": lambda: data, "batch_size": 1, "method": "percentile"}
+        export.export(config, variables, path, input_dims=hw, data_type=kind, calibration=cal)
+        onnx_paths[key] = path
+      return onnx_paths[key]
+
+    for backend in backends:
+      if backend.startswith("trt"):
+        why = trt_missing()
+        if why:
+          rows.append(dict(backend=backend, size="all", batch="all", skipped=why))
+          continue
+      for hw in sizes:
+        for b in batches:
+          x = rng.uniform(-0.5, 0.5, (b, hw[0], hw[1], 3)).astype(np.float32)
+          row = dict(backend=backend, size=f"{hw[0]}x{hw[1]}", batch=b)
+          try:
+            if backend.startswith("jax"):
+              dtype = "bfloat16" if backend == "jax-bf16" else "float32"
+              _, fwd = jax_forward(config, variables, dtype)
+              v, xd = jax.device_put(variables), jax.device_put(x)
+              lat, total = timed(lambda: fwd(v, xd), a.repeats, jax.block_until_ready)
+              row["where"] = jax.devices()[0].platform
+            elif backend.startswith("ort"):
+              kind = backend.split("-")[1]
+              path = onnx_model(kind, None if kind == "fp32" else hw)
+              sess, provider = ort_session(path)
+              lat, total = timed(lambda: sess.run(None, {"input_1": x}), a.repeats, lambda o: o)
+              row["where"] = provider
+            else:
+              import tensorrt
+              from bpnet_jax import export
+              kind = backend.split("-")[1]
+              src = onnx_model("int8", hw) if kind == "int8" else onnx_model("fp32", None)
+              eng = os.path.join(tmp, f"{backend}_{hw[0]}x{hw[1]}_b{b}.engine")
+              export.build_engine(src, eng, kind, hw, max_batch_size=max(batches))
+              trt = predict.TensorRTBackend(eng, predict.load_skeleton(
+                  config.dataloader.pose_config.pose_config_path), (1.0,) * 3, (0.0,) * 3)
+              lat, total = timed(lambda: trt(x), a.repeats, lambda o: o)
+              row["where"] = "TensorRT " + tensorrt.__version__
+            row.update(latency_ms=1e3 * lat, ips=b * a.repeats / total)
+          except (RuntimeError, ImportError) as e:
+            row["skipped"] = str(e).splitlines()[0][:80]
+          rows.append(row)
+
+    e2e = []
+    if a.e2e_size:
+      hw = tuple(int(v) for v in a.e2e_size.split("x"))
+      folder = os.path.join(_common.ROOT, "tests", "data", "coco_mini", "train2017")
+      files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                     if f.lower().endswith(predict.IMAGE_EXTENSIONS))
+      if a.e2e_images:
+        files = files[:a.e2e_images]
+      c = config.copy_and_resolve_references()
+      c.inference.input_shape = list(hw)
+      c.inference.keep_aspect_ratio_mode = "pad_image_input"   # one shape: no recompiles
+      n = c.dataloader.normalization_params
+      for backend in (b for b in a.e2e_backends.split(",") if b):
+        if backend.startswith("jax"):
+          dtype = "bfloat16" if backend == "jax-bf16" else "float32"
+          sk = predict.load_skeleton(c.dataloader.pose_config.pose_config_path)
+          net = model_lib.build_model(c.model, sk, dtype)
+          pred = predict.Predictor(c, predict.JaxBackend(
+              net, variables, c.inference.output_stage_to_use, n.image_scale, n.image_offset), sk)
+        elif backend == "ort-fp32":
+          pred = predict.Predictor.from_path(c, onnx_model("fp32", None))
+        else:
+          sys.exit(f"inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
+        list(pred.predict_iter(files[:2], workers=a.e2e_workers))     # warm-up / compile
+        t = time.perf_counter()
+        people = sum(len(pp or []) for _, pp, _ in pred.predict_iter(files,
+                                                                     workers=a.e2e_workers))
+        dt = time.perf_counter() - t
+        e2e.append(dict(backend=backend, images=len(files), ips=len(files) / dt, people=people))
+
+  print()
+  print("| backend | runs on | input HxW | batch | latency ms | images/s |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    if "skipped" in r:
+      print(f"| {r['backend']} | - | {r['size']} | {r['batch']} | skipped: {r['skipped']} | - |")
+    else:
+      print(f"| {r['backend']} | {r['where']} | {r['size']} | {r['batch']} | "
+            f"{r['latency_ms']:.2f} | {r['ips']:.1f} |")
+  if e2e:
+    print()
+    print(f"end to end at {a.e2e_size} (JPEG decode + resize/pad on {a.e2e_workers} threads + "
+          f"network + decode), tests/data/coco_mini photos:")
+    print("| backend | images | images/s | people found |")
+    print("|---|---|---|---|")
+    for r in e2e:
+      print(f"| {r['backend']} | {r['images']} | {r['ips']:.1f} | {r['people']} |")
+
+
+if __name__ == "__main__":
+  main()
