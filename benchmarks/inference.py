@@ -202,14 +202,10 @@ def main():
       c = config.copy_and_resolve_references()
       c.inference.input_shape = list(hw)
       c.inference.keep_aspect_ratio_mode = "pad_image_input"   # one shape: no recompiles
-      n = c.dataloader.normalization_params
       for backend in (b for b in a.e2e_backends.split(",") if b):
         if backend.startswith("jax"):
-          dtype = "bfloat16" if backend == "jax-bf16" else "float32"
-          sk = predict.load_skeleton(c.dataloader.pose_config.pose_config_path)
-          net = model_lib.build_model(c.model, sk, dtype)
-          pred = predict.Predictor(c, predict.JaxBackend(
-              net, variables, c.inference.output_stage_to_use, n.image_scale, n.image_offset), sk)
+          c.inference.compute_dtype = "bfloat16" if backend == "jax-bf16" else "float32"
+          pred = predict.Predictor.from_variables(c, variables)
         elif backend == "ort-fp32":
           pred = predict.Predictor.from_path(c, onnx_model("fp32", None))
         else:

@@ -171,6 +171,7 @@ def default_config() -> ml_collections.ConfigDict:
       paf_sample_ratio=0.8,          # a limb needs > ratio * samples above paf_threshold
       min_parts=4,                   # a person needs at least this many joints
       min_mean_score=0.4,            # ... and this mean score per joint
+      compute_dtype="float32",       # JAX backend: 'bfloat16' runs the network in bf16
   )
   return ml_collections.ConfigDict(c)
 
@@ -392,6 +393,7 @@ def validate(config) -> ml_collections.ConfigDict:
   need(0 <= inf.paf_sample_ratio <= 1, "inference.paf_sample_ratio", "a number in [0, 1]")
   need(inf.min_parts >= 1, "inference.min_parts", "an integer >= 1")
   need(inf.min_mean_score >= 0, "inference.min_mean_score", "a number >= 0")
+  need(inf.compute_dtype in COMPUTE_DTYPES, "inference.compute_dtype", f"one of {COMPUTE_DTYPES}")
 
   try:
     load_skeleton(d.pose_config.pose_config_path)

@@ -451,7 +451,7 @@ class Predictor:
   def from_variables(cls, config, variables, skeleton: Skeleton | None = None, name="model"):
     from bpnet_jax import model as model_lib
     sk = skeleton or load_skeleton(config.dataloader.pose_config.pose_config_path)
-    model = model_lib.build_model(config.model, sk)
+    model = model_lib.build_model(config.model, sk, config.inference.compute_dtype)
     n = config.dataloader.normalization_params
     backend = JaxBackend(model, variables, config.inference.output_stage_to_use,
                          n.image_scale, n.image_offset)

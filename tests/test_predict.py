@@ -136,6 +136,13 @@ def test_real_model_all_modes_and_one_compile_per_shape():
   heat1, paf1, _ = ref.maps(images[0])
   np.testing.assert_allclose(heat2, heat1, atol=1e-5)
   np.testing.assert_allclose(paf2, paf1, atol=1e-5)
+  # inference.compute_dtype='bfloat16' runs the network in bf16: close to, not equal to, fp32.
+  c3 = config_for("pad_image_input", (64, 96))
+  c3.inference.compute_dtype = "bfloat16"
+  heat3, paf3, _ = predict.Predictor.from_variables(c3, variables).maps(images[0])
+  assert heat3.dtype == np.float32 and not np.array_equal(heat3, heat1)
+  scale = max(np.abs(heat1).max(), np.abs(paf1).max())
+  assert max(np.abs(heat3 - heat1).max(), np.abs(paf3 - paf1).max()) < 0.05 * scale
 
 
 def test_predict_iter_reports_unreadable_images(tmp_path):
