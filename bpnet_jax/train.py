@@ -450,7 +450,9 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
     if hasattr(it, "close"):
       it.close()
   return {"step": int(state.step), "last_step": s.last_step, "steps_per_epoch": s.steps_per_epoch,
-          "metrics": last, "state": state}
+          "metrics": last, "state": state,
+          # Compilations of the step: 1 unless something (a shape, a dtype, a sharding) changed.
+          "train_step_compilations": train_step._cache_size()}
 
 
 def _jsonable(x):

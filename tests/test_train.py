@@ -50,6 +50,8 @@ def test_training_writes_metrics_checkpoints_and_config(trained):
   cfg, workdir, out = trained
   spe = out["steps_per_epoch"]
   assert out["step"] == out["last_step"] == 2 * spe
+  # Epoch boundaries, checkpoints and validation do not recompile the step.
+  assert out["train_step_compilations"] == 1
   lines = [l for l in _lines(workdir) if "loss" in l]
   assert [l["step"] for l in lines] == list(range(1, 2 * spe + 1))
   for key in ("epoch", "loss", "cmap_loss_stage1", "paf_loss_stage2", "lr", "images_per_sec",
