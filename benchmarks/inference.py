@@ -11,10 +11,10 @@ normalised batch at each HxW and batch size. `latency ms` is the median of --rep
 synchronous calls; `images/s` is batch x --repeats / the time of --repeats back-to-back calls
 (JAX dispatches asynchronously, so consecutive calls overlap host and device work).
 
-End to end (--e2e_size, batch 1 per image as `bpnet inference` runs): `Predictor.predict_iter`
-over the real photos in tests/data/coco_mini (JPEG decode, resize/pad on --e2e_workers host
-threads, network, bicubic peak search and limb assembly), images/s over the whole folder after
-one warm-up pass. With random weights the decoder finds few peaks, so its share is small; pass
+End to end (--e2e_size, --e2e_batches images per network call, as `bpnet inference
+--batch_size`): `Predictor.predict_iter` over the real photos in tests/data/coco_mini (JPEG
+decode and resize/pad on --e2e_workers host threads, network, peak search and limb assembly on
+as many decode threads), images/s over the whole folder after one warm-up pass. With random weights the decoder finds few peaks, so its share is small; pass
 --model for a trained model's figure.
 
 ONNX models are exported with `bpnet_jax.export` (each export checks parity against JAX; int8
@@ -101,6 +101,7 @@ def main():
   p.add_argument("--e2e_size", default="288x384", help="HxW of the end-to-end run ('' skips)")
   p.add_argument("--e2e_backends", default="jax-fp32,jax-bf16,ort-fp32")
   p.add_argument("--e2e_workers", type=int, default=4)
+  p.add_argument("--e2e_batches", default="1,8", help="images per network call")
   p.add_argument("--e2e_images", type=int, default=0, help="limit (0: the whole folder)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.add_argument("--smoke", action="store_true", help="tiny config and sizes, for CI")
@@ -109,7 +110,7 @@ def main():
     a.config, a.sizes, a.batches, a.repeats, a.e2e_size, a.e2e_images = \
         "demo", "64x64", "1,2", 2, "64x96", 3
     a.backends = "jax-fp32,jax-bf16,ort-fp32,ort-int8,trt-fp16"
-    a.e2e_backends = "jax-fp32,ort-fp32"
+    a.e2e_backends, a.e2e_batches = "jax-fp32,ort-fp32", "1,2"
   sizes = [tuple(int(v) for v in s.split("x")) for s in a.sizes.split(",") if s]
   batches = [int(b) for b in a.batches.split(",")]
   backends = [b for b in a.backends.split(",") if b]
@@ -210,12 +211,15 @@ def main():
           pred = predict.Predictor.from_path(c, onnx_model("fp32", None))
         else:
           sys.exit(f"inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
-        list(pred.predict_iter(files[:2], workers=a.e2e_workers))     # warm-up / compile
-        t = time.perf_counter()
-        people = sum(len(pp or []) for _, pp, _ in pred.predict_iter(files,
-                                                                     workers=a.e2e_workers))
-        dt = time.perf_counter() - t
-        e2e.append(dict(backend=backend, images=len(files), ips=len(files) / dt, people=people))
+        for b in (int(v) for v in a.e2e_batches.split(",")):
+          # Warm-up: compiles every batch size a pass can produce (full batches and the rest).
+          list(pred.predict_iter(files, workers=a.e2e_workers, batch_size=b))
+          t = time.perf_counter()
+          people = sum(len(pp or []) for _, pp, _ in pred.predict_iter(
+              files, workers=a.e2e_workers, batch_size=b))
+          dt = time.perf_counter() - t
+          e2e.append(dict(backend=backend, batch=b, images=len(files), ips=len(files) / dt,
+                          people=people))
 
   print()
   print("| backend | runs on | input HxW | batch | latency ms | images/s |")
@@ -230,10 +234,10 @@ def main():
     print()
     print(f"end to end at {a.e2e_size} (JPEG decode + resize/pad on {a.e2e_workers} threads + "
           f"network + decode), tests/data/coco_mini photos:")
-    print("| backend | images | images/s | people found |")
-    print("|---|---|---|---|")
+    print("| backend | batch | images | images/s | people found |")
+    print("|---|---|---|---|---|")
     for r in e2e:
-      print(f"| {r['backend']} | {r['images']} | {r['ips']:.1f} | {r['people']} |")
+      print(f"| {r['backend']} | {r['batch']} | {r['images']} | {r['ips']:.1f} | {r['people']} |")
 
 
 if __name__ == "__main__":

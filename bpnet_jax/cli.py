@@ -269,10 +269,14 @@ def _predictor(command, argv, extra):
   p.add_argument("--results_dir", required=True)
   p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  p.add_argument("--batch_size", type=int, default=1,
+                 help="images per network call (consecutive images of one input shape)")
   extra(p)
   a = p.parse_args(rest)
   if path is None:
     raise UserError("--config=FILE is required")
+  if a.batch_size < 1:
+    raise UserError(f"--batch_size {a.batch_size}: expected an integer >= 1")
   import logging
   from bpnet_jax import config as config_lib, predict
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
@@ -294,7 +298,7 @@ def cmd_inference(argv):
   if not paths:
     raise UserError(f"--input {a.input}: no images found")
   r = inference.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, batch_size=a.batch_size)
   c = r["counts"]
   print(f"{c['people']} people in {c['images']} images ({c['skipped']} skipped) -> "
         f"{os.path.join(a.results_dir, 'detection.json')}")
@@ -313,7 +317,7 @@ def cmd_evaluate(argv):
   inference.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
                                           "results.csv"), a.overwrite)
   r = evaluate.evaluate_dataset(predictor, split.annotations, split.images_dir, a.results_dir,
-                                progress=not a.no_progress)
+                                progress=not a.no_progress, batch_size=a.batch_size)
   m = r["metrics"]
   print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AR {m['AR']:.4f}  on {r['images']} images "
         f"({len(r['skipped'])} skipped, {r['people']} people) -> "

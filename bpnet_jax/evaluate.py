@@ -95,7 +95,7 @@ def write_results(results_dir: str, metrics: dict, results: list[dict]) -> None:
 
 
 def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: str,
-                     progress: bool = True, verbose: bool = True) -> dict:
+                     progress: bool = True, verbose: bool = True, batch_size: int = 1) -> dict:
   """Runs `predictor` on every image of a COCO keypoint annotation file and evaluates.
 
   Unreadable images are skipped and counted (their people count as missed). Returns
@@ -109,7 +109,8 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   paths = {i: os.path.join(images_dir, gt.imgs[i]["file_name"]) for i in ids}
   people_by_image, skipped = {}, []
   bar = _progress(len(ids), progress)
-  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: _load(paths[i])):
+  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: _load(paths[i]),
+                                                         batch_size=batch_size):
     bar.update(1)
     if err is not None:
       skipped.append(str(err))

@@ -82,7 +82,7 @@ def check_outputs(results_dir: str, names: Sequence[str], overwrite: bool) -> No
 
 def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
         dump_visualizations: bool = False, overwrite: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, batch_size: int = 1) -> dict:
   """Runs the predictor over `paths`; writes results_dir/detection.json (and drawings).
 
   Returns the detection.json content.
@@ -102,7 +102,7 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
     return image
 
   bar = _progress(len(paths), progress)
-  for path, people, err in predictor.predict_iter(paths, load=load):
+  for path, people, err in predictor.predict_iter(paths, load=load, batch_size=batch_size):
     bar.update(1)
     if err is not None:
       skipped.append({"file": path, "error": str(err)})

@@ -531,53 +531,82 @@ class Predictor:
       else:
         out[i] = self.finish(self.dispatch(p))
     for idx in groups.values():
-      heat, paf = self.backend(np.stack([prepared[i][0][0] for i in idx]))
-      heat, paf = np.asarray(heat), np.asarray(paf)
+      people = self._finish_batch(self.backend(np.stack([prepared[i][0][0] for i in idx])),
+                                  [prepared[i][0][1] for i in idx])
       for k, i in enumerate(idx):
-        out[i] = self.finish(((heat[k:k + 1], paf[k:k + 1]), [prepared[i][0][1]]))
+        out[i] = people[k]
     return out
 
   def predict_iter(self, items: Iterable, load: Callable = read_image, workers: int = 2,
-                   depth: int = 2) -> Iterator[tuple]:
+                   depth: int = 2, batch_size: int = 1) -> Iterator[tuple]:
     """Yields (item, people, None) or (item, None, error) for each item, in order.
 
     `load(item)` returns an RGB image. Loading and resizing run in `workers` threads ahead of
-    the network; up to `depth` images are in flight on the device while the host decodes.
-    InferenceErrors from `load` (unreadable images) are yielded, not raised.
+    the network; consecutive images with the same network-input shape go through the network
+    `batch_size` at a time; decoding (peak search, assembly) runs in another `workers` threads,
+    so the host decodes batch k while the device runs batch k+1 (up to `depth` batches in
+    flight). InferenceErrors from `load` (unreadable images) are yielded, not raised.
     """
-    def host(item):
-      return self.prepare(load(item))
-
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+    workers, batch_size = max(1, workers), max(1, batch_size)
+    loader = concurrent.futures.ThreadPoolExecutor(workers)
+    decoder = concurrent.futures.ThreadPoolExecutor(workers)
     try:
-      futures = collections.deque()
-      inflight = collections.deque()
+      loading = collections.deque()            # (item, future of prepared inputs)
+      done = collections.deque()               # (item, future of [people per image], k, error)
       it = iter(items)
 
       def fill():
-        while len(futures) < 2 * max(1, workers):
+        while len(loading) < 2 * workers * batch_size:
           try:
             item = next(it)
           except StopIteration:
             return
-          futures.append((item, pool.submit(host, item)))
+          loading.append((item, loader.submit(lambda i: self.prepare(load(i)), item)))
 
-      fill()
-      while futures or inflight:
-        if futures and len(inflight) < depth:
-          item, fut = futures.popleft()
-          fill()
+      def group():
+        """Up to batch_size ready images of one shape (multi-scale images go alone)."""
+        out = []
+        while loading and len(out) < batch_size:
+          item, fut = loading[0]
           try:
             prepared = fut.result()
           except InferenceError as e:
-            inflight.append((item, None, e))
+            if out:                            # keep the order: send the group first
+              break
+            loading.popleft()
+            done.append((item, None, 0, e))
             continue
-          inflight.append((item, self.dispatch(prepared), None))
+          if out and (len(prepared) > 1 or prepared[0][0].shape != out[0][1][0][0].shape):
+            break
+          loading.popleft()
+          out.append((item, prepared))
+          if len(prepared) > 1:
+            break
+        fill()
+        return out
+
+      fill()
+      while loading or done:
+        if loading and len(done) < depth * batch_size:
+          batch = group()
+          if len(batch) == 1:
+            item, prepared = batch[0]
+            handle = self.dispatch(prepared)
+            done.append((item, decoder.submit(lambda h: [self.finish(h)], handle), 0, None))
+          elif batch:
+            maps = self.backend(np.stack([p[0][0] for _, p in batch]))
+            fut = decoder.submit(self._finish_batch, maps, [p[0][1] for _, p in batch])
+            done.extend((item, fut, k, None) for k, (item, _) in enumerate(batch))
           continue
-        item, handle, err = inflight.popleft()
-        yield (item, None, err) if err else (item, self.finish(handle), None)
+        item, fut, k, err = done.popleft()
+        yield (item, None, err) if err else (item, fut.result()[k], None)
     finally:
-      pool.shutdown(wait=False, cancel_futures=True)
+      loader.shutdown(wait=False, cancel_futures=True)
+      decoder.shutdown(wait=False, cancel_futures=True)
+
+  def _finish_batch(self, maps, geoms) -> list[list[dict]]:
+    heat, paf = np.asarray(maps[0]), np.asarray(maps[1])
+    return [self.finish(((heat[k:k + 1], paf[k:k + 1]), [g])) for k, g in enumerate(geoms)]
 
 
 def _crop(handle):

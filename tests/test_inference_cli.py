@@ -56,6 +56,14 @@ def test_inference_on_a_folder_writes_detections_and_drawings(setup, capsys):
       assert all(len(v) == 3 for v in p["keypoints"].values())
   assert len(os.listdir(results / "images_annotated")) == n_images - 1
   assert "people in" in capsys.readouterr().out
+  # Batched network calls give the same detections.
+  assert run_cli("inference", f"--config={cfg}", f"--workdir={workdir}", "--input_type=dir",
+                 f"--input={images}", f"--results_dir={out / 'r1b'}", "--batch_size=4",
+                 "--no_progress") == 0
+  batched = json.load(open(out / "r1b" / "detection.json"))
+  assert [e["file"] for e in batched["images"]] == [e["file"] for e in det["images"]]
+  assert [len(e["people"]) for e in batched["images"]] == [len(e["people"]) for e in det["images"]]
+  assert batched["counts"] == det["counts"]
   # Running again does not overwrite without being asked.
   assert run_cli("inference", f"--config={cfg}", f"--workdir={workdir}", "--input_type=dir",
                  f"--input={images}", f"--results_dir={results}") == 2
@@ -97,6 +105,7 @@ def test_evaluate_writes_metrics(setup, capsys):
     (["--config.inference.input_shape=[100,100]"], "config.inference.input_shape"),
     (["--config.model.stages=3"], "has 2 stages but the config's model has 3"),
     (["--input_type=video"], "argument --input_type: invalid choice"),
+    (["--batch_size=0"], "--batch_size 0: expected an integer >= 1"),
     (["--model=/nonexistent/model.onnx"], "no such model"),
 ])
 def test_bad_input_is_one_line(setup, args, message):

@@ -162,6 +162,39 @@ def test_predict_iter_reports_unreadable_images(tmp_path):
   assert "not a readable image" in str(out[1][2]) and "no such file" in str(out[2][2])
 
 
+def test_predict_iter_batches_keep_order_and_results(tmp_path):
+  """batch_size > 1 (same-shape images share a network call, decoding in threads) yields what
+  one-at-a-time prediction yields, in order, errors included."""
+  import cv2
+  import jax
+  from bpnet_jax import model as model_lib
+  c = config_for("adjust_network_input", (64, 64))
+  # Loose thresholds: a random network's maps decode to many "people", so results are non-trivial.
+  c.inference.heatmap_threshold, c.inference.paf_threshold = 0.0, -1.0
+  c.inference.min_parts, c.inference.min_mean_score = 1, 0.0
+  net = model_lib.build_model(c.model, SK)
+  p = predict.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(1), 64, 64))
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, shape in enumerate([(50, 70), (50, 70), (70, 50), (50, 70), (50, 70), (50, 70)]):
+    path = tmp_path / f"{i}.png"
+    cv2.imwrite(str(path), rng.integers(0, 255, shape + (3,), np.uint8))
+    paths.append(str(path))
+  (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+  paths.insert(4, str(tmp_path / "bad.jpg"))
+  one = list(p.predict_iter(paths, batch_size=1))
+  many = list(p.predict_iter(paths, batch_size=3, workers=3))
+  assert [o[0] for o in many] == paths
+  assert [o[2] is None for o in many] == [True] * 4 + [False] + [True] * 2
+  assert sum(len(o[1]) for o in one if o[1]) > 0
+  for a, b in zip(one, many):
+    if a[1] is None:
+      continue
+    assert len(a[1]) == len(b[1])
+    for x, y in zip(a[1], b[1]):
+      np.testing.assert_allclose(x["keypoints"], y["keypoints"], atol=1e-3)
+
+
 def test_checkpoint_config_mismatch_is_one_clear_error(trained_workdir):
   config, workdir = trained_workdir
   p = predict.Predictor.from_path(config, workdir)
