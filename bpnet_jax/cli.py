@@ -230,13 +230,15 @@ def cmd_make_synthetic(argv):
   p.add_argument("--test_fraction", type=float, default=0.2,
                  help="share of the images in the test split")
   p.add_argument("--overwrite", action="store_true")
+  p.add_argument("--style", default="default", choices=("default", "demo"),
+                 help="'demo': fewer, larger, part-coloured people on plain backgrounds")
   a = p.parse_args(argv)
   if not 0 <= a.test_fraction < 1:
     raise UserError(f"--test_fraction must be in [0, 1), got {a.test_fraction}")
   from bpnet_jax import synthetic
   try:
     counts = synthetic.make_synthetic(a.out, a.num_images, a.seed, a.width, a.height,
-                                      a.test_fraction, a.overwrite)
+                                      a.test_fraction, a.overwrite, style=a.style)
   except ValueError as e:
     raise UserError(str(e)) from None
   for split, c in counts.items():

@@ -18,6 +18,7 @@ from ml_collections import config_dict
 
 from bpnet_jax.model import ARCHITECTURES, KERNEL_INITIALIZERS, OUTPUT_STRIDE
 from bpnet_jax.losses import REGULARIZATION_TYPES
+from bpnet_jax.optimizer import OPTIMIZERS
 from bpnet_jax.schedules import SCHEDULES
 from bpnet_jax.skeleton import SkeletonError, load_skeleton
 
@@ -132,7 +133,8 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
   c.optimizer = dict(
-      momentum=0.9,
+      name="sgd",                    # 'sgd' (momentum SGD, the original) or 'adam' (opt-in)
+      momentum=0.9,                  # SGD momentum; Adam's b1
       use_nesterov=False,
       grad_weights_dict={},          # {glob over parameter paths: LR multiplier}
       weight_default_value=1.0,
@@ -346,6 +348,7 @@ def validate(config) -> ml_collections.ConfigDict:
     need(isinstance(v, int) and v >= 1, f"model.layer_widths.{key}", "a positive integer", v)
 
   # Optimizer.
+  need(o.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
   need(0 <= o.momentum < 1, "optimizer.momentum", "a number in [0, 1)")
   need(o.weight_default_value >= 0, "optimizer.weight_default_value", "a number >= 0")
   for key, v in o.grad_weights_dict.items():

@@ -3,6 +3,7 @@
 The original scaled each variable's gradient by a fixed "grad weight" before a TF1 momentum
 update; because momentum SGD is linear in the gradient, that is exactly a per-parameter LR
 multiplier. Here: `scale_by_multipliers(tree)` then `optax.sgd(schedule, momentum, nesterov)`.
+`optimizer.name = "adam"` (not in the original; the demo uses it) puts `optax.adam` in its place.
 
 Multiplier rules, by parameter path ('stage2/conv1/kernel'):
   1. `grad_weights_dict`: {glob pattern: multiplier}; the first matching pattern wins.
@@ -82,18 +83,30 @@ def scale_by_multipliers(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 def build_optimizer(params, schedule, momentum: float = 0.9, use_nesterov: bool = False,
                     use_stagewise_lr_multipliers: bool = False, grad_weights_dict=None,
-                    weight_default_value: float = 1.0) -> optax.GradientTransformation:
-  """optax chain: per-parameter multipliers, then momentum SGD on `schedule`.
+                    weight_default_value: float = 1.0,
+                    name: str = "sgd") -> optax.GradientTransformation:
+  """optax chain: per-parameter multipliers, then the update rule.
 
-  TF1 momentum (accum = m*accum + g; w -= lr*accum) is optax.sgd's trace form, so a run with all
-  multipliers 1 is plain momentum SGD; a multiplier 0 freezes that parameter.
+  name 'sgd' (the original): TF1 momentum (accum = m*accum + g; w -= lr*accum) is optax.sgd's
+  trace form, so a run with all multipliers 1 is plain momentum SGD; a multiplier 0 freezes that
+  parameter. name 'adam' (an opt-in addition): Adam on `schedule` with b1 = momentum, applied
+  after the multipliers, which then only matter as 0 (frozen) or not, since Adam normalises
+  each parameter's step.
   """
+  if name not in OPTIMIZERS:
+    raise ValueError(f"optimizer name must be one of {OPTIMIZERS}, got {name!r}")
   mults = lr_multipliers(params, use_stagewise_lr_multipliers, grad_weights_dict,
                          weight_default_value)
-  return optax.chain(scale_by_multipliers(mults),
-                     optax.sgd(schedule, momentum=momentum or None, nesterov=use_nesterov))
+  if name == "adam":
+    rule = optax.adam(schedule, b1=momentum)
+  else:
+    rule = optax.sgd(schedule, momentum=momentum or None, nesterov=use_nesterov)
+  return optax.chain(scale_by_multipliers(mults), rule)
 
 
 def optimizer_from_config(config, params, schedule) -> optax.GradientTransformation:
@@ -101,4 +114,5 @@ def optimizer_from_config(config, params, schedule) -> optax.GradientTransformat
   o = config.optimizer
   return build_optimizer(params, schedule, float(o.momentum), bool(o.use_nesterov),
                          bool(config.trainer.use_stagewise_lr_multipliers),
-                         dict(o.grad_weights_dict or {}), float(o.weight_default_value))
+                         dict(o.grad_weights_dict or {}), float(o.weight_default_value),
+                         str(o.name))

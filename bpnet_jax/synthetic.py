@@ -7,6 +7,10 @@ crowd region (iscrowd 1, uncompressed RLE) of tiny figures, joints hidden by a l
 are occluded (v=1), joints outside the image are unlabelled (0, 0, 0). Annotations carry COCO-17
 keypoints, bbox, area and segmentation polygons of each person's drawn silhouette.
 
+style="demo" (STYLES) makes an easier dataset for `bpnet demo`: 1-3 people of 40-85% of the image
+height on plain backgrounds, no crowds or unlabelled people, limbs and eyes/ears in fixed part
+colours.
+
 Output (deterministic from the seed):
   DIR/train/*.jpg, DIR/test/*.jpg
   DIR/annotations/person_keypoints_{train,test}.json
@@ -72,6 +76,14 @@ def random_pose(rng: np.random.Generator, height: float, pelvis: np.ndarray) -> 
   return p
 
 
+def _plain(rng, h, w):
+  """A low-contrast background: a soft grey-ish gradient with mild noise (the demo style)."""
+  small = rng.uniform(90, 170, (2, 2, 1)) + rng.uniform(-15, 15, (2, 2, 3))
+  img = cv2.resize(small.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+  img += rng.normal(0, 4, img.shape).astype(np.float32)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
 def _texture(rng, h, w):
   small = rng.uniform(0, 255, (rng.integers(3, 9), rng.integers(3, 9), 3)).astype(np.float32)
   img = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
@@ -87,22 +99,54 @@ def _texture(rng, h, w):
   return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _draw_person(img, mask, pts, height, color):
-  """Draws a figure into img and its silhouette into mask (both in place)."""
+# The "demo" style's fixed part colours (BGR): each limb segment and each face point has its own
+# colour, so joint identity and left/right are visible locally (a demo simplification; real
+# people need context for both). Left parts are warm, right parts cool.
+PART_COLOURS = {
+    ("left_shoulder", "left_elbow"): (0, 0, 255), ("left_elbow", "left_wrist"): (0, 200, 255),
+    ("right_shoulder", "right_elbow"): (255, 0, 0), ("right_elbow", "right_wrist"): (255, 200, 0),
+    ("left_hip", "left_knee"): (180, 0, 255), ("left_knee", "left_ankle"): (0, 255, 255),
+    ("right_hip", "right_knee"): (0, 255, 0), ("right_knee", "right_ankle"): (255, 255, 0),
+    ("left_shoulder", "right_shoulder"): (255, 255, 255), ("left_hip", "right_hip"): (40, 40, 40),
+    "left_eye": (0, 0, 160), "right_eye": (160, 0, 0), "left_ear": (0, 160, 255),
+    "right_ear": (255, 160, 0),
+}
+
+# Generator settings. "default": the varied dataset the tests and `bpnet make_synthetic` use.
+# "demo": fewer, larger people without crowds or unlabelled people, limbs and face points in
+# fixed part colours, for the demo's three-minute CPU training (see docs/training.md).
+STYLES = {
+    "default": dict(people=(1, 6), height=(0.10, 0.80), unlabelled_prob=0.12, crowd_prob=0.25,
+                    part_colours=False, plain_background=False),
+    "demo": dict(people=(1, 3), height=(0.40, 0.85), unlabelled_prob=0.0, crowd_prob=0.0,
+                 part_colours=True, plain_background=True),
+}
+
+
+def _draw_person(img, mask, pts, height, color, part_colours=False):
+  """Draws a figure into img and its silhouette into mask (both in place).
+
+  part_colours: limbs and face points in PART_COLOURS (the torso and head keep `color`).
+  """
   t = max(2, int(round(0.06 * height)))
   torso = np.round(pts[[K["left_shoulder"], K["right_shoulder"], K["right_hip"],
                         K["left_hip"]]]).astype(np.int32)
   head_r = max(2, int(round(0.06 * height)))
   nose = tuple(int(v) for v in np.round(pts[K["nose"]]))
-  for canvas, c in ((img, color), (mask, 255)):
+  for canvas, c, parts in ((img, color, part_colours), (mask, 255, False)):
     cv2.fillConvexPoly(canvas, torso, c)
     for a, b in SEGMENTS:
       pa = tuple(int(v) for v in np.round(pts[K[a]]))
       pb = tuple(int(v) for v in np.round(pts[K[b]]))
-      cv2.line(canvas, pa, pb, c, t)
+      cv2.line(canvas, pa, pb, PART_COLOURS[(a, b)] if parts else c, t)
     neck = tuple(int(v) for v in np.round((pts[K["left_shoulder"]] + pts[K["right_shoulder"]]) / 2))
     cv2.line(canvas, neck, nose, c, t)
     cv2.circle(canvas, nose, head_r, c, -1)
+    if parts:
+      r = max(1, int(round(0.02 * height)))
+      for name in ("left_ear", "right_ear", "left_eye", "right_eye"):
+        cv2.circle(canvas, tuple(int(v) for v in np.round(pts[K[name]])), r,
+                   PART_COLOURS[name], -1)
 
 
 def _polygons(mask):
@@ -120,18 +164,19 @@ def _rle(mask):
 
 
 def make_image(rng: np.random.Generator, width: int, height: int, image_id: int,
-               ann_id_start: int):
-  """Returns (image uint8 BGR, annotations list)."""
-  img = _texture(rng, height, width)
+               ann_id_start: int, style: str = "default"):
+  """Returns (image uint8 BGR, annotations list). style: a key of STYLES."""
+  st = STYLES[style]
+  img = (_plain if st["plain_background"] else _texture)(rng, height, width)
   anns = []
   people = []
-  n = int(rng.integers(1, 7))
+  n = int(rng.integers(st["people"][0], st["people"][1] + 1))
   for _ in range(n):
-    ph = float(rng.uniform(0.10, 0.80)) * height
+    ph = float(rng.uniform(*st["height"])) * height
     pelvis = np.array([rng.uniform(-0.05, 1.05) * width, rng.uniform(0.2, 1.1) * height])
     pelvis[1] = min(pelvis[1], height - 0.1 * ph + 0.3 * ph * rng.uniform())
     pts = random_pose(rng, ph, pelvis)
-    labelled = rng.uniform() > 0.12
+    labelled = rng.uniform() > st["unlabelled_prob"]
     people.append((pts, ph, labelled))
   # Draw back to front: bigger people (closer) last, so they occlude the smaller ones.
   people.sort(key=lambda p: p[1])
@@ -139,7 +184,7 @@ def make_image(rng: np.random.Generator, width: int, height: int, image_id: int,
   for pts, ph, _ in people:
     m = np.zeros((height, width), np.uint8)
     color = tuple(int(c) for c in rng.integers(0, 256, 3))
-    _draw_person(img, m, pts, ph, color)
+    _draw_person(img, m, pts, ph, color, st["part_colours"])
     masks.append(m)
   later = np.zeros((height, width), bool)
   visible_masks = [None] * len(masks)
@@ -169,14 +214,15 @@ def make_image(rng: np.random.Generator, width: int, height: int, image_id: int,
                  "num_keypoints": int((kp[:, 2] > 0).sum()), "bbox": bbox,
                  "area": float(area), "segmentation": _polygons(vis_mask.astype(np.uint8))})
     aid += 1
-  if rng.uniform() < 0.25:                       # A crowd of tiny figures.
+  if rng.uniform() < st["crowd_prob"]:           # A crowd of tiny figures.
     crowd = np.zeros((height, width), np.uint8)
     cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.3, 0.8) * height
     for _ in range(int(rng.integers(4, 10))):
       ph = float(rng.uniform(0.05, 0.10)) * height
       pts = random_pose(rng, ph, np.array([cx + rng.normal(0, 0.06 * width),
                                            cy + rng.normal(0, 0.04 * height)]))
-      _draw_person(img, crowd, pts, ph, tuple(int(c) for c in rng.integers(0, 256, 3)))
+      _draw_person(img, crowd, pts, ph, tuple(int(c) for c in rng.integers(0, 256, 3)),
+                   st["part_colours"])
     if crowd.any():
       ys, xs = np.nonzero(crowd)
       anns.append({"id": aid, "image_id": image_id, "category_id": 1, "iscrowd": 1,
@@ -189,8 +235,13 @@ def make_image(rng: np.random.Generator, width: int, height: int, image_id: int,
 
 def make_synthetic(out: str, num_images: int, seed: int = 0, width: int = 320,
                    height: int = 240, test_fraction: float = 0.2, overwrite: bool = False,
-                   progress: bool = True) -> dict:
-  """Writes the dataset to `out` (atomically: built beside it, then renamed). Returns counts."""
+                   progress: bool = True, style: str = "default") -> dict:
+  """Writes the dataset to `out` (atomically: built beside it, then renamed). Returns counts.
+
+  style: a key of STYLES ("default", or "demo": fewer, larger, part-coloured people).
+  """
+  if style not in STYLES:
+    raise ValueError(f"style must be one of {sorted(STYLES)}, got {style!r}")
   if num_images < 1:
     raise ValueError(f"--num_images must be >= 1, got {num_images}")
   if width < 16 or height < 16:
@@ -214,7 +265,8 @@ def make_synthetic(out: str, num_images: int, seed: int = 0, width: int = 320,
     images, anns = [], []
     for i in ids:
       rng = np.random.default_rng([seed, i])
-      img, a = make_image(rng, width, height, image_id=i + 1, ann_id_start=(i + 1) * 100)
+      img, a = make_image(rng, width, height, image_id=i + 1, ann_id_start=(i + 1) * 100,
+                          style=style)
       name = f"{i + 1:012d}.jpg"
       cv2.imwrite(os.path.join(tmp, split, name), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
       images.append({"id": i + 1, "file_name": name, "width": width, "height": height,

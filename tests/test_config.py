@@ -21,6 +21,7 @@ def test_coco_config_carries_the_tao_tutorial_values():
   assert (s.type, s.soft_start, s.annealing, s.base_learning_rate, s.min_learning_rate) == \
       ("softstart_annealing", 0.05, 0.5, 2e-5, 8e-8)
   assert c.optimizer.momentum == 0.9 and not c.optimizer.use_nesterov
+  assert c.optimizer.name == "sgd"
   d = c.dataloader
   assert d.batch_size == 10 and (d.image_config.height, d.image_config.width) == (256, 256)
   assert list(d.pose_config.target_shape) == [32, 32]
@@ -75,6 +76,7 @@ def _set(path, value):
     (_set("trainer.compute_dtype", "float16"), "config.trainer.compute_dtype"),
     (_set("optimizer.grad_weights_dict", {"stage1/*": -1.0}), "grad_weights_dict"),
     (_set("loss.focal_loss_params.use_focal_loss", "yes"), "use_focal_loss: expected a bool"),
+    (_set("optimizer.name", "rmsprop"), "config.optimizer.name"),
 ])
 def test_validation_names_the_key(mutate, key):
   c = default_config()

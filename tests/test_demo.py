@@ -7,6 +7,7 @@ def test_demo_runs_the_pipeline_into_one_folder(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(demo, "DEMO_IMAGES", 16)
   monkeypatch.setattr(demo, "DEMO_EPOCHS", 1)
   monkeypatch.setattr(demo, "DEMO_RETRAIN_EPOCHS", 1)
+  monkeypatch.setattr(demo, "DEMO_INFERENCE_SHAPE", (128, 128))
   assert demo.run(str(tmp_path)) == 0
   out = capsys.readouterr().out
   for path in ("data/dataset_spec.json", "data/records/train-fold-000-of-001",

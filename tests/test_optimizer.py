@@ -123,3 +123,30 @@ def test_optimizer_from_config_uses_the_schedule():
   np.testing.assert_allclose(updates["paf_out"]["kernel"],
                              -cfg.optimizer.learning_rate_schedule.min_learning_rate * 4
                              * g["paf_out"]["kernel"], rtol=1e-5)
+
+
+def test_adam_is_opt_in_and_matches_optax():
+  params, grad_fn = _setup()
+  lr = optax.constant_schedule(1e-3)
+  ours = _run(params, grad_fn, O.build_optimizer(params, lr, momentum=0.8, name="adam"), steps=2)
+  ref = _run(params, grad_fn, optax.adam(1e-3, b1=0.8), steps=2)
+  for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  # A multiplier 0 still freezes a parameter; other multipliers do not change Adam's step much.
+  frozen = _run(params, grad_fn, O.build_optimizer(
+      params, lr, grad_weights_dict={"stage1/*": 0.0}, name="adam"), steps=1)
+  changed = _changed(params, frozen)
+  assert not any(v for k, v in changed.items() if k.startswith("stage1/"))
+  assert changed["paf_out/kernel"]
+  cfg = demo.get_config()
+  assert cfg.optimizer.name == "sgd"
+  cfg.optimizer.name = "adam"
+  tx = O.optimizer_from_config(cfg, params, lr)
+  _, g = grad_fn(params)
+  updates, _ = tx.update(g, tx.init(params), params)
+  # Adam's first step is -lr * sign(g) (up to epsilon), whatever the stage-wise multiplier.
+  u, gk = updates["paf_out"]["kernel"], g["paf_out"]["kernel"]
+  big = jnp.abs(gk) > 1e-4
+  np.testing.assert_allclose(u[big], -1e-3 * jnp.sign(gk[big]), rtol=1e-3)
+  with pytest.raises(ValueError, match="rmsprop"):
+    O.build_optimizer(params, lr, name="rmsprop")

@@ -76,3 +76,34 @@ def test_refuses_to_overwrite(synth):
   out, _ = synth
   with pytest.raises(FileExistsError):
     synthetic.make_synthetic(out, 2, progress=False)
+
+
+def test_demo_style_has_few_large_part_coloured_people(tmp_path):
+  import cv2
+  out = str(tmp_path / "demo")
+  counts = synthetic.make_synthetic(out, 10, seed=3, width=320, height=240, test_fraction=0,
+                                    progress=False, style="demo")
+  c = counts["train"]
+  assert c["unlabelled_people"] == 0 and c["crowd_regions"] == 0
+  d = json.load(open(os.path.join(out, "annotations", "person_keypoints_train.json")))
+  per_image = {}
+  for a in d["annotations"]:
+    per_image.setdefault(a["image_id"], []).append(a)
+  assert all(1 <= len(v) <= 3 for v in per_image.values()) and len(per_image) == 10
+  assert np.median([a["bbox"][3] / 240 for a in d["annotations"]]) > 0.35
+  # The largest (last-drawn) person's limbs show their part colours (JPEG: within 60 per channel).
+  names = {n: i for i, n in enumerate(synthetic.COCO_KEYPOINTS)}
+  hits = total = 0
+  for im in d["images"]:
+    img = cv2.imread(os.path.join(out, "train", im["file_name"])).astype(int)
+    a = max(per_image[im["id"]], key=lambda a: a["bbox"][3])
+    k = np.array(a["keypoints"]).reshape(17, 3)
+    for seg in synthetic.SEGMENTS[:8]:
+      i, j = names[seg[0]], names[seg[1]]
+      if k[i, 2] == 2 and k[j, 2] == 2:
+        x, y = np.round((k[i, :2] + k[j, :2]) / 2).astype(int)
+        total += 1
+        hits += int(np.abs(img[y, x] - synthetic.PART_COLOURS[seg]).max() <= 60)
+  assert total >= 20 and hits >= 0.7 * total
+  with pytest.raises(ValueError, match="style"):
+    synthetic.make_synthetic(str(tmp_path / "x"), 2, style="nope", progress=False)
