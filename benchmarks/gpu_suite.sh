@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The issue-8 figures on one accelerator machine, in one go: train step (fp32/bf16, several
+# batches, memory), full pipeline vs on-device data, inference. Logs go to ${1:-bench_logs}/.
+#
+#   bash benchmarks/gpu_suite.sh [LOG_DIR]
+#
+# Needs the package's dependencies (pip install -e ".[onnx]" + jax2onnx --no-deps, or the same
+# as wheels on a machine without network) and JAX with the accelerator's plugin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-bench_logs}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
+python -c "import jax; print(jax.__version__, jax.devices())" | tee "$out/jax.txt"
+python benchmarks/train_step.py --batch_sizes 32,64,128,256 --dtypes float32,bfloat16 \
+    2>&1 | tee "$out/train_step.txt"
+python benchmarks/end_to_end.py --batch 128 --dtype bfloat16 --num_images 1024 --steps 100 \
+    2>&1 | tee "$out/end_to_end.txt"
+python benchmarks/inference.py --repeats 50 2>&1 | tee "$out/inference.txt"
