@@ -42,20 +42,6 @@ def pipeline_rate(metrics_path: str, warmup_steps: int) -> tuple[float, int]:
   return (steps / weighted if weighted else float("nan")), steps
 
 
-def decode_rate(config, recs: dict, n: int = 64) -> float:
-  """Host decode + pad images/s of one process (one grain worker)."""
-  from array_record.python import array_record_data_source
-  from bpnet_jax import input_pipeline, skeleton as skeleton_lib
-  sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
-  dec = input_pipeline.decoder_from_config(config, sk)
-  src = array_record_data_source.ArrayRecordDataSource([recs["records"]])
-  dec(src[0])
-  t = time.perf_counter()
-  for i in range(n):
-    dec(src[i % len(src)])
-  return n / (time.perf_counter() - t)
-
-
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--config", default="coco", help="configs/<name>.py or a path")
@@ -103,7 +89,7 @@ def main():
     c.trainer.checkpoint_n_epoch = c.trainer.num_epoch
     c.trainer.summary_every_n_steps = a.window
     c.trainer.log_every_n_secs = 1000
-    per_worker = decode_rate(c, recs, 8 if a.smoke else 64)
+    per_worker = _common.decode_rate(*_common.decoder_and_source(c, recs), 8 if a.smoke else 64)
 
     t = time.perf_counter()
     out = train.train(c, os.path.join(tmp, "work"), progress=False)

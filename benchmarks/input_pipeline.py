@@ -15,7 +15,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def main():
@@ -34,29 +35,19 @@ def main():
 
   import jax
   import numpy as np
-  from bpnet_jax import augment, convert, input_pipeline as ip, synthetic
+  from bpnet_jax import augment, input_pipeline as ip
   from bpnet_jax.skeleton import load_skeleton
   from configs import coco
 
   sk = load_skeleton()
   with tempfile.TemporaryDirectory() as tmp:
-    data = os.path.join(tmp, "synth")
-    synthetic.make_synthetic(data, a.num_images, seed=0, width=a.width, height=a.height,
-                             test_fraction=0, progress=False)
-    out = os.path.join(tmp, "records", "train")
-    s = convert.convert(os.path.join(data, "dataset_spec.json"), out, "train",
-                        generate_masks=True, workers=a.workers)
-    path = out + "-fold-000-of-001"
-    canvas = (a.height, a.width)
-    dec = ip.DecodeAndPad({"coco": data}, data, canvas, 20, sk.num_joints)
+    s = _common.synthetic_records(tmp, a.num_images, a.width, a.height, workers=a.workers)
+    path, data = s["records"], s["data"]
+    dec = ip.DecodeAndPad({"coco": data}, data, (a.height, a.width), 20, sk.num_joints)
     from array_record.python import array_record_data_source
     src = array_record_data_source.ArrayRecordDataSource([path])
     n = len(src)
-    t = time.perf_counter()
-    for _ in range(a.repeats):
-      for i in range(n):
-        dec(src[i])
-    per_worker = a.repeats * n / (time.perf_counter() - t)
+    per_worker = _common.decode_rate(dec, src, a.repeats * n)
 
     ds = ip.build_dataset([path], dec, 0, 10**6)
     pipeline = {}
@@ -99,7 +90,7 @@ def main():
     device = a.repeats * a.batch / (time.perf_counter() - t)
 
   print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} on "
-        f"{jax.devices()[0].platform}; {s['records']} records of {a.width}x{a.height} JPEG")
+        f"{jax.devices()[0].platform}; {s['num_records']} records of {a.width}x{a.height} JPEG")
   print(f"host decode+pad (1 worker):            {per_worker:8.1f} images/s")
   for workers, rate in pipeline.items():
     where = f"{workers} worker processes" if workers else "in the main process"
