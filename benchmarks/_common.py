@@ -59,7 +59,8 @@ def synthetic_records(tmp: str, num_images: int, width: int = 640, height: int =
 
   Returns {'data': dataset root, 'records': record path, 'num_records': n, 'spec': spec path}.
   """
-  from bpnet_jax import convert, synthetic
+  from bpnet_jax.data import convert
+  from bpnet_jax.data import synthetic
   data = os.path.join(tmp, "synth")
   synthetic.make_synthetic(data, num_images, seed=seed, width=width, height=height,
                            test_fraction=0, progress=False)
@@ -85,7 +86,8 @@ def point_config_at_records(config, recs: dict):
 def decoder_and_source(config, recs: dict):
   """(the config's host decoder, a random-access source of the records)."""
   from array_record.python import array_record_data_source
-  from bpnet_jax import input_pipeline, skeleton as skeleton_lib
+  from bpnet_jax import skeleton as skeleton_lib
+  from bpnet_jax.data import input_pipeline
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
   return (input_pipeline.decoder_from_config(config, sk),
           array_record_data_source.ArrayRecordDataSource([recs["records"]]))

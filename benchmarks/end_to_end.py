@@ -66,7 +66,8 @@ def main():
 
   import tempfile
   import jax
-  from bpnet_jax import input_pipeline, train
+  from bpnet_jax import train
+  from bpnet_jax.data import input_pipeline
   config = _common.load_config(a.config, a.set)
   c = config
   c.trainer.compute_dtype = a.dtype

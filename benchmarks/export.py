@@ -1,7 +1,7 @@
 """ONNX Runtime latency of exported models: fp32 vs fp16 vs int8 (Q/DQ), batch 1.
 
-  python benchmarks/export.py                      # configs/coco.py model, 288x384 (the tutorial's)
-  python benchmarks/export.py --smoke              # tiny model, 64x64 (CI)
+  python benchmarks/onnx_model.py                      # configs/coco.py model, 288x384 (the tutorial's)
+  python benchmarks/onnx_model.py --smoke              # tiny model, 64x64 (CI)
 
 Builds the config's model (random weights: latency does not depend on their values), exports it
 with `bpnet_jax.export` (each export checks ONNX Runtime against JAX), calibrates the int8 model
@@ -34,7 +34,8 @@ def main():
   import jax
   import numpy as np
   import onnxruntime as ort
-  from bpnet_jax import export, model as model_lib
+  from bpnet_jax import model as model_lib
+  from bpnet_jax.export import onnx_model
   from bpnet_jax.skeleton import load_skeleton
   cfg = importlib.import_module(f"configs.{a.config}").get_config()
   sk = load_skeleton(cfg.dataloader.pose_config.pose_config_path)
@@ -51,7 +52,7 @@ def main():
     for dtype in ("fp32", "fp16", "int8"):
       path = os.path.join(tmp, f"m_{dtype}.onnx")
       t0 = time.perf_counter()
-      r = export.export(cfg, v, path, input_dims=(a.height, a.width), data_type=dtype,
+      r = onnx_model.export(cfg, v, path, input_dims=(a.height, a.width), data_type=dtype,
                         calibration={"data": lambda: cal, "batch_size": 1,
                                      "method": "percentile"})
       t_export = time.perf_counter() - t0

@@ -121,10 +121,11 @@ def main():
   import tempfile
   import jax
   import numpy as np
-  from bpnet_jax import model as model_lib, predict
+  from bpnet_jax import model as model_lib
+  from bpnet_jax.inference import predictor
   config = _common.load_config(a.config, a.set)
   if a.model:
-    config, variables = predict.load_model(config, a.model)
+    config, variables = predictor.load_model(config, a.model)
   else:
     from bpnet_jax import skeleton as skeleton_lib
     sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
@@ -141,7 +142,7 @@ def main():
 
     def onnx_model(kind: str, hw):
       """Exported model path for ('fp32', None) (dynamic H, W) or ('int8', (H, W))."""
-      from bpnet_jax import export
+      from bpnet_jax.export import onnx_model
       key = (kind, hw)
       if key not in onnx_paths:
         path = os.path.join(tmp, f"{kind}_{hw[0] if hw else 'dyn'}x{hw[1] if hw else ''}.onnx")
@@ -149,7 +150,7 @@ def main():
         if kind == "int8":
           data = rng.uniform(-0.5, 0.5, (4, hw[0], hw[1], 3)).astype(np.float32)
           cal = {"data": lambda: data, "batch_size": 1, "method": "percentile"}
-        export.export(config, variables, path, input_dims=hw, data_type=kind, calibration=cal)
+        onnx_model.export(config, variables, path, input_dims=hw, data_type=kind, calibration=cal)
         onnx_paths[key] = path
       return onnx_paths[key]
 
@@ -180,12 +181,12 @@ def main():
               row["where"] = provider
             else:
               import tensorrt
-              from bpnet_jax import export
+              from bpnet_jax.export import onnx_model
               kind = backend.split("-")[1]
               src = onnx_model("int8", hw) if kind == "int8" else onnx_model("fp32", None)
               eng = os.path.join(tmp, f"{backend}_{hw[0]}x{hw[1]}_b{b}.engine")
-              export.build_engine(src, eng, kind, hw, max_batch_size=max(batches))
-              trt = predict.TensorRTBackend(eng, predict.load_skeleton(
+              onnx_model.build_engine(src, eng, kind, hw, max_batch_size=max(batches))
+              trt = predictor.TensorRTBackend(eng, predictor.load_skeleton(
                   config.dataloader.pose_config.pose_config_path), (1.0,) * 3, (0.0,) * 3)
               lat, total = timed(lambda: trt(x), a.repeats, lambda o: o)
               row["where"] = "TensorRT " + tensorrt.__version__
@@ -199,7 +200,7 @@ def main():
       hw = tuple(int(v) for v in a.e2e_size.split("x"))
       folder = os.path.join(_common.ROOT, "tests", "data", "coco_mini", "train2017")
       files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                     if f.lower().endswith(predict.IMAGE_EXTENSIONS))
+                     if f.lower().endswith(predictor.IMAGE_EXTENSIONS))
       if a.e2e_images:
         files = files[:a.e2e_images]
       c = config.copy_and_resolve_references()
@@ -208,9 +209,9 @@ def main():
       for backend in (b for b in a.e2e_backends.split(",") if b):
         if backend.startswith("jax"):
           c.inference.compute_dtype = "bfloat16" if backend == "jax-bf16" else "float32"
-          pred = predict.Predictor.from_variables(c, variables)
+          pred = predictor.Predictor.from_variables(c, variables)
         elif backend == "ort-fp32":
-          pred = predict.Predictor.from_path(c, onnx_model("fp32", None))
+          pred = predictor.Predictor.from_path(c, onnx_model("fp32", None))
         else:
           sys.exit(f"inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
         for b in (int(v) for v in a.e2e_batches.split(",")):

@@ -35,7 +35,8 @@ def main():
 
   import jax
   import numpy as np
-  from bpnet_jax import augment, input_pipeline as ip
+  from bpnet_jax import augment
+  from bpnet_jax.data import input_pipeline as ip
   from bpnet_jax.skeleton import load_skeleton
   from configs import coco
 

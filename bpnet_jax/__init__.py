@@ -17,8 +17,8 @@ from bpnet_jax.config import ConfigError, default_config, validate as validate_c
 from bpnet_jax.losses import pose_loss, regularization, stage_losses
 from bpnet_jax.model import (BpNetLiteModel, BpNetModel, build_model, count_params,
                              init_variables, param_table)
-from bpnet_jax.postprocess import decode
-from bpnet_jax.predict import Predictor
+from bpnet_jax.inference.postprocess import decode
+from bpnet_jax.inference.predictor import Predictor
 from bpnet_jax.optimizer import build_optimizer, lr_multipliers, optimizer_from_config
 from bpnet_jax.schedules import exponential_decay, soft_start_annealing
 from bpnet_jax.skeleton import Skeleton, load_skeleton

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpnet_jax.records import LABELED_BELOW
+from bpnet_jax.data.records import LABELED_BELOW
 from bpnet_jax.skeleton import Skeleton
 from bpnet_jax import targets as targets_lib
 

@@ -22,9 +22,9 @@ USER_ERRORS = (UserError,)
 
 def _user_errors():
   from bpnet_jax.config import ConfigError
-  from bpnet_jax.dataset_spec import SpecError
-  from bpnet_jax.export import ExportError
-  from bpnet_jax.predict import InferenceError
+  from bpnet_jax.data.dataset_spec import SpecError
+  from bpnet_jax.export.onnx_model import ExportError
+  from bpnet_jax.inference.predictor import InferenceError
   from bpnet_jax.prune import PruneError
   from bpnet_jax.skeleton import SkeletonError
   return USER_ERRORS + (ConfigError, SkeletonError, SpecError, InferenceError, PruneError,
@@ -199,7 +199,9 @@ def cmd_dataset_convert(argv):
     raise UserError("--num_partitions must be >= 1 and --num_shards >= 0")
   import glob
   import logging
-  from bpnet_jax import convert, dataset_spec, skeleton as skeleton_lib
+  from bpnet_jax import skeleton as skeleton_lib
+  from bpnet_jax.data import convert
+  from bpnet_jax.data import dataset_spec
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   existing = glob.glob(glob.escape(a.output_filename) + "-fold-*") + \
       glob.glob(glob.escape(a.output_filename) + ".summary.json")
@@ -235,7 +237,7 @@ def cmd_make_synthetic(argv):
   a = p.parse_args(argv)
   if not 0 <= a.test_fraction < 1:
     raise UserError(f"--test_fraction must be in [0, 1), got {a.test_fraction}")
-  from bpnet_jax import synthetic
+  from bpnet_jax.data import synthetic
   try:
     counts = synthetic.make_synthetic(a.out, a.num_images, a.seed, a.width, a.height,
                                       a.test_fraction, a.overwrite, style=a.style)
@@ -280,10 +282,11 @@ def _predictor(command, argv, extra):
   if a.batch_size < 1:
     raise UserError(f"--batch_size {a.batch_size}: expected an integer >= 1")
   import logging
-  from bpnet_jax import config as config_lib, predict
+  from bpnet_jax import config as config_lib
+  from bpnet_jax.inference import predictor
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   config = config_lib.validate(load_config_file(path, overrides))
-  return a, predict.Predictor.from_path(config, a.model or a.workdir)
+  return a, predictor.Predictor.from_path(config, a.model or a.workdir)
 
 
 def cmd_inference(argv):
@@ -294,12 +297,12 @@ def cmd_inference(argv):
     p.add_argument("--image_root_path", help="root of relative paths in a JSON input")
     p.add_argument("--dump_visualizations", action="store_true",
                    help="also write R/images_annotated/ with the skeletons drawn")
-  from bpnet_jax import inference
+  from bpnet_jax.inference import detections
   a, predictor = _predictor("inference", argv, extra)
-  paths = inference.list_inputs(a.input_type, a.input, a.image_root_path)
+  paths = detections.list_inputs(a.input_type, a.input, a.image_root_path)
   if not paths:
     raise UserError(f"--input {a.input}: no images found")
-  r = inference.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
+  r = detections.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
                     progress=not a.no_progress, batch_size=a.batch_size)
   c = r["counts"]
   print(f"{c['people']} people in {c['images']} images ({c['skipped']} skipped) -> "
@@ -310,15 +313,17 @@ def cmd_evaluate(argv):
   """bpnet evaluate --config=F --workdir=D --dataset_spec=S.json --results_dir=R: COCO AP/AR"""
   def extra(p):
     p.add_argument("--dataset_spec", required=True, help="dataset spec JSON (its test_data)")
-  from bpnet_jax import dataset_spec, evaluate, inference
+  from bpnet_jax.data import dataset_spec
+  from bpnet_jax.inference import coco_eval
+  from bpnet_jax.inference import detections
   a, predictor = _predictor("evaluate", argv, extra)
   split = dataset_spec.load_spec(a.dataset_spec).split("test")
   if not predictor.skeleton.coco_keypoints:
     raise UserError(f"skeleton {predictor.skeleton.name!r} has no coco_keypoints list; COCO "
                     "evaluation needs one")
-  inference.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
+  detections.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
                                           "results.csv"), a.overwrite)
-  r = evaluate.evaluate_dataset(predictor, split.annotations, split.images_dir, a.results_dir,
+  r = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir, a.results_dir,
                                 progress=not a.no_progress, batch_size=a.batch_size)
   m = r["metrics"]
   print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AR {m['AR']:.4f}  on {r['images']} images "
@@ -413,13 +418,15 @@ def cmd_export(argv):
     if len(dims) != 3 or dims[2] != 3:
       raise UserError(f"--input_dims {a.input_dims}: expected H,W,3")
     dims = dims[:2]
-  from bpnet_jax import config as config_lib, export, predict
+  from bpnet_jax import config as config_lib
+  from bpnet_jax.export import onnx_model
+  from bpnet_jax.inference import predictor
   from bpnet_jax.skeleton import load_skeleton
   config = config_lib.validate(load_config_file(path, overrides))
-  config, variables = predict.load_model(config, a.checkpoint or a.workdir)
+  config, variables = predictor.load_model(config, a.checkpoint or a.workdir)
   photos = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "tests", "data", "coco_mini", "train2017")
-  images = [predict.read_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))[:2]
+  images = [predictor.read_image(os.path.join(photos, f)) for f in sorted(os.listdir(photos))[:2]
             ] if os.path.isdir(photos) else []
   calibration = None
   if a.data_type == "int8":
@@ -429,26 +436,26 @@ def cmd_export(argv):
     if not a.cal_image_dir and not have:
       raise UserError("--data_type int8 needs --cal_image_dir (or an existing --cal_data_file "
                       "or --cal_cache_file)")
-    calibration = export.int8_calibration(config, a.cal_image_dir, dims, a.batches, a.batch_size,
+    calibration = onnx_model.int8_calibration(config, a.cal_image_dir, dims, a.batches, a.batch_size,
                                           a.cal_method, a.cal_data_file, a.cal_cache_file)
   try:
-    r = export.export(config, variables, a.output_file, input_dims=dims, data_type=a.data_type,
+    r = onnx_model.export(config, variables, a.output_file, input_dims=dims, data_type=a.data_type,
                       opset=a.opset, sdk_compatible=a.sdk_compatible_model, check_images=images,
                       overwrite=a.overwrite, calibration=calibration)
-  except export.ExportError as e:
+  except onnx_model.ExportError as e:
     raise UserError(str(e)) from None
   if a.saved_model:
     from bpnet_jax import model as model_lib
     net = model_lib.build_model(config.model,
                                 load_skeleton(config.dataloader.pose_config.pose_config_path))
-    sm = export.export_saved_model(net, variables, a.saved_model, dims,
+    sm = onnx_model.export_saved_model(net, variables, a.saved_model, dims,
                                    config.inference.output_stage_to_use,
-                                   export.check_inputs(dims), a.overwrite)
+                                   onnx_model.check_inputs(dims), a.overwrite)
     print(f"{a.saved_model}: TF SavedModel, max |diff| vs JAX {sm['max_abs_diff']:.2e}")
   if a.engine_file:
     if dims is None:
       raise UserError("--engine_file needs --input_dims H,W,3 (engines have a fixed input size)")
-    e = export.build_engine(a.output_file, a.engine_file, a.data_type, dims, a.max_batch_size,
+    e = onnx_model.build_engine(a.output_file, a.engine_file, a.data_type, dims, a.max_batch_size,
                             a.max_workspace_size, a.overwrite)
     print(f"{a.engine_file}: TensorRT {e['tensorrt']} engine, batch 1..{a.max_batch_size}")
   print(f"{a.output_file}: {a.data_type}, input {r['input']['dims']}, {sum(r['ops'].values())} "

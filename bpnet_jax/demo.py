@@ -91,7 +91,8 @@ def demo_config(workdir: str):
 
 def prepare_data(workdir: str, num_images: int = DEMO_IMAGES, seed: int = 0) -> dict:
   """Synthetic images + records under DIR/data (skipped where already present)."""
-  from bpnet_jax import convert, synthetic
+  from bpnet_jax.data import convert
+  from bpnet_jax.data import synthetic
   data = os.path.join(workdir, "data")
   spec = os.path.join(data, "dataset_spec.json")
   if not os.path.exists(spec):
@@ -140,10 +141,13 @@ DEMO_RETRAIN_EPOCHS = 5
 
 def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6) -> dict:
   """DIR/eval (held-out synthetic split) and DIR/infer (synthetic + real photos)."""
-  from bpnet_jax import dataset_spec, evaluate, inference, predict
-  predictor = predict.Predictor.from_path(cfg, train_dir)
+  from bpnet_jax.data import dataset_spec
+  from bpnet_jax.inference import coco_eval
+  from bpnet_jax.inference import detections
+  from bpnet_jax.inference import predictor
+  predictor = predictor.Predictor.from_path(cfg, train_dir)
   split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
-  ev = evaluate.evaluate_dataset(predictor, split.annotations, split.images_dir,
+  ev = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir,
                                  os.path.join(workdir, "eval"), progress=False, verbose=False)
   m = ev["metrics"]
   print(f"[eval] {ev['images']} held-out images, {ev['people']} people found: AP {m['AP']:.3f}, "
@@ -154,7 +158,7 @@ def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6
   paths = paths[:num_synthetic]
   if os.path.isdir(photos):
     paths += sorted(os.path.join(photos, f) for f in os.listdir(photos))
-  det = inference.run(predictor, paths, os.path.join(workdir, "infer"), dump_visualizations=True,
+  det = detections.run(predictor, paths, os.path.join(workdir, "infer"), dump_visualizations=True,
                       overwrite=True, progress=False)
   c = det["counts"]
   print(f"[infer] {c['people']} people in {c['images']} images -> "
@@ -164,7 +168,10 @@ def evaluate_and_infer(cfg, workdir: str, train_dir: str, num_synthetic: int = 6
 
 def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> dict:
   """DIR/pruned (prune the trained model) and DIR/retrain (retrain it briefly, evaluate)."""
-  from bpnet_jax import dataset_spec, evaluate, predict, prune, train
+  from bpnet_jax import prune, train
+  from bpnet_jax.data import dataset_spec
+  from bpnet_jax.inference import coco_eval
+  from bpnet_jax.inference import predictor
   pruned_dir = os.path.join(workdir, "pruned")
   rep = prune.prune_checkpoint(cfg, train_dir, pruned_dir, overwrite=True, **DEMO_PRUNE)
   p, f = rep["params"], rep["flops"]
@@ -178,7 +185,7 @@ def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> 
   retrain_dir = os.path.join(workdir, "retrain")
   out = train.train(rc, retrain_dir, progress=False)
   split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
-  ev = evaluate.evaluate_dataset(predict.Predictor.from_path(rc, retrain_dir), split.annotations,
+  ev = coco_eval.evaluate_dataset(predictor.Predictor.from_path(rc, retrain_dir), split.annotations,
                                  split.images_dir, os.path.join(retrain_dir, "eval"),
                                  progress=False, verbose=False)
   m = ev["metrics"]
@@ -190,18 +197,21 @@ def prune_and_retrain(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> 
 
 def export_and_evaluate(cfg, workdir: str, train_dir: str, eval_metrics: dict) -> dict | None:
   """DIR/export: fp32, fp16 and int8 ONNX models, each evaluated on the held-out split."""
-  from bpnet_jax import dataset_spec, evaluate, export, predict
+  from bpnet_jax.data import dataset_spec
+  from bpnet_jax.inference import coco_eval
+  from bpnet_jax.export import onnx_model
+  from bpnet_jax.inference import predictor
   try:
-    export._require_onnx()
-  except export.ExportError as e:
+    onnx_model._require_onnx()
+  except onnx_model.ExportError as e:
     print(f"[export] skipped: {e}")
     return None
   out = os.path.join(workdir, "export")
   os.makedirs(out, exist_ok=True)
-  _, variables = predict.load_model(cfg, train_dir)
+  _, variables = predictor.load_model(cfg, train_dir)
   split = dataset_spec.load_spec(os.path.join(workdir, "data", "dataset_spec.json")).split("test")
   dims = list(cfg.inference.input_shape)
-  calibration = export.int8_calibration(
+  calibration = onnx_model.int8_calibration(
       cfg, os.path.join(workdir, "data", "train"), dims, batches=16, batch_size=2,
       data_file=os.path.join(out, "calibration.npy"),
       cache_file=os.path.join(out, "calibration.bin"))
@@ -212,9 +222,9 @@ def export_and_evaluate(cfg, workdir: str, train_dir: str, eval_metrics: dict) -
   results = {}
   for dtype, (name, fixed) in models.items():
     path = os.path.join(out, name)
-    r = export.export(cfg, variables, path, input_dims=fixed, data_type=dtype,
+    r = onnx_model.export(cfg, variables, path, input_dims=fixed, data_type=dtype,
                       overwrite=True, calibration=calibration if dtype == "int8" else None)
-    ev = evaluate.evaluate_dataset(predict.Predictor.from_path(cfg, path), split.annotations,
+    ev = coco_eval.evaluate_dataset(predictor.Predictor.from_path(cfg, path), split.annotations,
                                    split.images_dir, os.path.join(out, f"eval_{dtype}"),
                                    progress=False, verbose=False)
     results[dtype] = {"max_abs_diff": r["parity"]["max_abs_diff"], "AP": ev["metrics"]["AP"],

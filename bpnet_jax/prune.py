@@ -311,12 +311,12 @@ def prune_checkpoint(config, checkpoint: str, out_dir: str, threshold: float = 0
 
   The checkpoint must fit `config.model` (PruneError naming the difference otherwise).
   """
-  from bpnet_jax import predict
+  from bpnet_jax.inference import predictor
   from bpnet_jax.skeleton import load_skeleton
   sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
   try:
-    config, variables = predict.load_model(config, checkpoint)
-  except predict.InferenceError as e:
+    config, variables = predictor.load_model(config, checkpoint)
+  except predictor.InferenceError as e:
     raise PruneError(str(e)) from None
   model = model_lib.build_model(config.model, sk)
   graph = model_graph(model)

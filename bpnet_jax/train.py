@@ -35,7 +35,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bpnet_jax import augment, config as config_lib, input_pipeline, losses, model as model_lib
+from bpnet_jax import augment, config as config_lib, losses, model as model_lib
+from bpnet_jax.data import input_pipeline
 from bpnet_jax import optimizer as optimizer_lib, schedules, skeleton as skeleton_lib
 
 log = logging.getLogger("bpnet.train")

@@ -26,9 +26,11 @@ SPLIT = "test"
 
 
 def evaluate(cfg, model_dir, data_dir, out_dir):
-  from bpnet_jax import dataset_spec, evaluate as ev, predict
+  from bpnet_jax.data import dataset_spec
+  from bpnet_jax.inference import coco_eval as ev
+  from bpnet_jax.inference import predictor
   split = dataset_spec.load_spec(os.path.join(data_dir, "dataset_spec.json")).split(SPLIT)
-  p = predict.Predictor.from_path(cfg, model_dir)
+  p = predictor.Predictor.from_path(cfg, model_dir)
   return ev.evaluate_dataset(p, split.annotations, split.images_dir, out_dir, progress=False,
                              verbose=False)["metrics"]
 
@@ -63,8 +65,8 @@ def main():
   sk = load_skeleton()
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
   base = evaluate(cfg, trained, data, os.path.join(out, "eval_unpruned"))
-  from bpnet_jax import predict
-  _, variables = predict.load_model(cfg, trained)
+  from bpnet_jax.inference import predictor
+  _, variables = predictor.load_model(cfg, trained)
   net = model_lib.build_model(cfg.model, sk)
   rows = [("unpruned", model_lib.count_params(variables)["total"],
            prune.flops(net, variables, h, w), base, base, 0.0)]

@@ -73,7 +73,10 @@ def main():
 
   import jax
   import numpy as np
-  from bpnet_jax import augment, convert, input_pipeline as ip, synthetic, train
+  from bpnet_jax import augment, train
+  from bpnet_jax.data import convert
+  from bpnet_jax.data import input_pipeline as ip
+  from bpnet_jax.data import synthetic
   from bpnet_jax.skeleton import load_skeleton
 
   work = a.workdir or tempfile.mkdtemp(prefix="bpnet_overfit_")

@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def synth_records(tmp_path_factory):
   """A small synthetic dataset converted to records: (data dir, spec path, records dir)."""
-  from bpnet_jax import convert, synthetic
+  from bpnet_jax.data import convert
+  from bpnet_jax.data import synthetic
   root = tmp_path_factory.mktemp("synth_records")
   data = str(root / "data")
   synthetic.make_synthetic(data, 20, seed=11, width=160, height=120, test_fraction=0.2,

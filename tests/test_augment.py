@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bpnet_jax import augment as A
-from bpnet_jax.records import Visibility
+from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import load_skeleton
 from configs import coco, demo
 

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from bpnet_jax import convert, records
-from bpnet_jax.dataset_spec import SpecError, coco_spec_dict, load_spec
-from bpnet_jax.records import Visibility
+from bpnet_jax.data import convert
+from bpnet_jax.data import records
+from bpnet_jax.data.dataset_spec import SpecError, coco_spec_dict, load_spec
+from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import load_skeleton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +144,7 @@ def _fixture_annotations():
 
 
 def test_interperson_distance_uses_the_accepted_persons_size():
-  from bpnet_jax.dataset_spec import DatasetSpec
+  from bpnet_jax.data.dataset_spec import DatasetSpec
   spec = DatasetSpec(path="x", dataset="coco", root="/", splits={}, duplicate_each_person=True,
                      keypoints=(), visibility_map={}, min_height=32, min_width=32, min_kpts=5,
                      min_dist_ratio=0.3)

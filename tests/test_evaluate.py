@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from bpnet_jax import evaluate
+from bpnet_jax.inference import coco_eval
 from bpnet_jax.skeleton import load_skeleton
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,14 +37,14 @@ def gt_people(shift=0.0):
 
 def test_gt_as_detections_gives_ap_1(tmp_path):
   people = gt_people()
-  results = evaluate.coco_results(people, SK)
+  results = coco_eval.coco_results(people, SK)
   assert len(results) == sum(len(v) for v in people.values()) == 86
   assert all(len(r["keypoints"]) == 51 for r in results)
-  metrics = evaluate.coco_eval(ANNOTATIONS, results, verbose=False)
+  metrics = coco_eval.coco_eval(ANNOTATIONS, results, verbose=False)
   assert metrics["AP"] == pytest.approx(1.0) and metrics["AR"] == pytest.approx(1.0)
   assert metrics["AP50"] == pytest.approx(1.0) and metrics["AP75"] == pytest.approx(1.0)
-  evaluate.write_results(str(tmp_path), metrics, results)
-  assert set(json.load(open(tmp_path / "metrics.json"))) == set(evaluate.METRICS)
+  coco_eval.write_results(str(tmp_path), metrics, results)
+  assert set(json.load(open(tmp_path / "metrics.json"))) == set(coco_eval.METRICS)
   rows = list(csv.DictReader(open(tmp_path / "results.csv")))
   assert [r["metric"] for r in rows] == ["AP"] * 5 + ["AR"] * 5
   assert [r["area"] for r in rows[:5]] == ["all", "all", "all", "medium", "large"]
@@ -54,19 +54,19 @@ def test_gt_as_detections_gives_ap_1(tmp_path):
 
 
 def test_float_coordinates_are_kept_and_errors_cost_ap():
-  exact = evaluate.coco_results(gt_people(0.4), SK)
+  exact = coco_eval.coco_results(gt_people(0.4), SK)
   assert any(v % 1 for r in exact for v in r["keypoints"])     # sub-pixel values survive
-  shifted = evaluate.coco_eval(ANNOTATIONS, evaluate.coco_results(gt_people(6.0), SK),
+  shifted = coco_eval.coco_eval(ANNOTATIONS, coco_eval.coco_results(gt_people(6.0), SK),
                                verbose=False)
   assert shifted["AP"] < 0.9
-  assert evaluate.coco_eval(ANNOTATIONS, [], verbose=False)["AP"] == 0.0
+  assert coco_eval.coco_eval(ANNOTATIONS, [], verbose=False)["AP"] == 0.0
 
 
 def test_neck_is_dropped_and_joints_map_by_name():
   kp = np.zeros((18, 3))
   kp[1] = (50, 50, 0.9)            # neck: not a COCO joint
   kp[15] = (10, 20, 0.8)           # left_eye -> COCO index 1
-  (r,) = evaluate.coco_results({7: [{"keypoints": kp, "score": 0.5}]}, SK)
+  (r,) = coco_eval.coco_results({7: [{"keypoints": kp, "score": 0.5}]}, SK)
   k = np.asarray(r["keypoints"]).reshape(17, 3)
   assert k[1].tolist() == [10, 20, 1] and (k[np.arange(17) != 1] == 0).all()
   assert r["image_id"] == 7 and r["category_id"] == 1 and r["score"] == 0.5

@@ -10,9 +10,9 @@ import pytest
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
 
-from bpnet_jax import export as E  # noqa: E402
+from bpnet_jax.export import onnx_model as E  # noqa: E402
 from bpnet_jax import model as model_lib  # noqa: E402
-from bpnet_jax import predict  # noqa: E402
+from bpnet_jax.inference import predictor  # noqa: E402
 from bpnet_jax import prune as P  # noqa: E402
 from bpnet_jax.skeleton import load_skeleton  # noqa: E402
 from configs import demo  # noqa: E402
@@ -125,8 +125,8 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
   assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 2
   assert "already exists" in capsys.readouterr().err
   image = np.random.default_rng(2).integers(0, 255, (90, 130, 3), np.uint8)
-  a = predict.Predictor.from_path(config, workdir).maps(image)
-  b = predict.Predictor.from_path(config, str(out)).maps(image)
+  a = predictor.Predictor.from_path(config, workdir).maps(image)
+  b = predictor.Predictor.from_path(config, str(out)).maps(image)
   np.testing.assert_allclose(a[0], b[0], atol=1e-4)
   np.testing.assert_allclose(a[1], b[1], atol=1e-4)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bpnet_jax import postprocess as dec
+from bpnet_jax.inference import postprocess as dec
 from bpnet_jax import targets
 from bpnet_jax.skeleton import from_json, load_skeleton
 

@@ -4,7 +4,8 @@ network call (jitted once per shape), checkpoint/config mismatches."""
 import numpy as np
 import pytest
 
-from bpnet_jax import predict, targets
+from bpnet_jax import targets
+from bpnet_jax.inference import predictor
 from bpnet_jax.skeleton import load_skeleton
 from configs import demo
 
@@ -25,7 +26,7 @@ def blob_image(h, w, x0, y0, sigma=4.0):
 def test_preprocess_geometry_maps_pixels_back(mode, size):
   h, w = size
   x0, y0 = 0.37 * w, 0.61 * h
-  image, g = predict.preprocess(blob_image(h, w, x0, y0), (64, 96), mode)
+  image, g = predictor.preprocess(blob_image(h, w, x0, y0), (64, 96), mode)
   assert image.shape[0] % 8 == 0 and image.shape[1] % 8 == 0 and image.dtype == np.uint8
   assert image.shape[:2] == g.padded
   if mode == "adjust_network_input":      # covers the target box, keeps the aspect ratio
@@ -74,7 +75,7 @@ def test_ideal_maps_decode_to_original_pixels(mode):
   """Maps rendered where the preprocessing puts the people decode to the original pixels."""
   h, w = 301, 413
   truth = np.stack([person(120.3, 150.7, 1.3), person(290.6, 160.2, 1.2)])
-  p = predict.Predictor(config_for(mode), backend=None)
+  p = predictor.Predictor(config_for(mode), backend=None)
   (_, g), = p.prepare(np.zeros((h, w, 3), np.uint8))
   grid = (g.padded[0] // 8, g.padded[1] // 8)
   people = p.finish((render(g.to_input(truth), grid), [g]))
@@ -90,13 +91,13 @@ def test_multi_scale_maps_are_resampled_onto_the_largest_scale(mode):
   h, w = 240, 330
   truth = np.stack([person(110.2, 120.5, 1.0), person(230.8, 118.1, 1.1)])
   scales = (0.5, 1.0, 1.5)
-  p = predict.Predictor(config_for(mode, (96, 128), scales), backend=None)
+  p = predictor.Predictor(config_for(mode, (96, 128), scales), backend=None)
   prepared = p.prepare(np.zeros((h, w, 3), np.uint8))
   geoms = [g for _, g in prepared]
   grids = [(g.padded[0] // 8, g.padded[1] // 8) for g in geoms]
   maps = [render(g.to_input(truth) , grid) for g, grid in zip(geoms, grids)]
-  params = predict.merge_params(geoms, grids[-1], len(geoms) - 1)
-  merge = predict.merge_maps_jit()
+  params = predictor.merge_params(geoms, grids[-1], len(geoms) - 1)
+  merge = predictor.merge_maps_jit()
   heat = np.asarray(merge(tuple(m[0] for m in maps), params, grids[-1]))
   paf = np.asarray(merge(tuple(m[1] for m in maps), params, grids[-1]))
   # The largest scale's own maps and the merged ones agree where people are.
@@ -117,7 +118,7 @@ def test_real_model_all_modes_and_one_compile_per_shape():
   variables = model_lib.init_variables(net, jax.random.key(0), 64, 64)
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 255, (101, 157, 3), np.uint8) for _ in range(3)]
-  p = predict.Predictor.from_variables(c, variables)
+  p = predictor.Predictor.from_variables(c, variables)
   for im in images:
     assert isinstance(p.predict(im), list)
   assert p.backend._forward._cache_size() == 1          # one input shape -> one compilation
@@ -130,16 +131,16 @@ def test_real_model_all_modes_and_one_compile_per_shape():
   assert heat.shape == (8, 13, 19) and paf.shape == (8, 13, 38) and g.size == (64, 99)
   # Multi-scale with one repeated scale is the single-scale result.
   c2 = config_for("pad_image_input", (64, 96), (1.0, 1.0))
-  p2 = predict.Predictor.from_variables(c2, variables)
+  p2 = predictor.Predictor.from_variables(c2, variables)
   heat2, paf2, _ = p2.maps(images[0])
-  ref = predict.Predictor.from_variables(config_for("pad_image_input", (64, 96)), variables)
+  ref = predictor.Predictor.from_variables(config_for("pad_image_input", (64, 96)), variables)
   heat1, paf1, _ = ref.maps(images[0])
   np.testing.assert_allclose(heat2, heat1, atol=1e-5)
   np.testing.assert_allclose(paf2, paf1, atol=1e-5)
   # inference.compute_dtype='bfloat16' runs the network in bf16: close to, not equal to, fp32.
   c3 = config_for("pad_image_input", (64, 96))
   c3.inference.compute_dtype = "bfloat16"
-  heat3, paf3, _ = predict.Predictor.from_variables(c3, variables).maps(images[0])
+  heat3, paf3, _ = predictor.Predictor.from_variables(c3, variables).maps(images[0])
   assert heat3.dtype == np.float32 and not np.array_equal(heat3, heat1)
   scale = max(np.abs(heat1).max(), np.abs(paf1).max())
   assert max(np.abs(heat3 - heat1).max(), np.abs(paf3 - paf1).max()) < 0.05 * scale
@@ -150,7 +151,7 @@ def test_predict_iter_reports_unreadable_images(tmp_path):
   from bpnet_jax import model as model_lib
   c = config_for("adjust_network_input", (64, 64))
   net = model_lib.build_model(c.model, SK)
-  p = predict.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(0), 64, 64))
+  p = predictor.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(0), 64, 64))
   good = tmp_path / "good.png"
   import cv2
   cv2.imwrite(str(good), np.full((50, 70, 3), 90, np.uint8))
@@ -173,7 +174,7 @@ def test_predict_iter_batches_keep_order_and_results(tmp_path):
   c.inference.heatmap_threshold, c.inference.paf_threshold = 0.0, -1.0
   c.inference.min_parts, c.inference.min_mean_score = 1, 0.0
   net = model_lib.build_model(c.model, SK)
-  p = predict.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(1), 64, 64))
+  p = predictor.Predictor.from_variables(c, model_lib.init_variables(net, jax.random.key(1), 64, 64))
   rng = np.random.default_rng(0)
   paths = []
   for i, shape in enumerate([(50, 70), (50, 70), (70, 50), (50, 70), (50, 70), (50, 70)]):
@@ -197,15 +198,15 @@ def test_predict_iter_batches_keep_order_and_results(tmp_path):
 
 def test_checkpoint_config_mismatch_is_one_clear_error(trained_workdir):
   config, workdir = trained_workdir
-  p = predict.Predictor.from_path(config, workdir)
+  p = predictor.Predictor.from_path(config, workdir)
   assert isinstance(p.predict(np.zeros((70, 90, 3), np.uint8)), list)
   wrong = config.copy_and_resolve_references()
   wrong.model.stages = 3
-  with pytest.raises(predict.InferenceError, match="has 2 stages but the config's model has 3"):
-    predict.Predictor.from_path(wrong, workdir)
+  with pytest.raises(predictor.InferenceError, match="has 2 stages but the config's model has 3"):
+    predictor.Predictor.from_path(wrong, workdir)
   wrong = config.copy_and_resolve_references()
   wrong.model.width_multiplier = 0.25
-  with pytest.raises(predict.InferenceError, match="does not fit the config's model"):
-    predict.Predictor.from_path(wrong, workdir)
-  with pytest.raises(predict.InferenceError, match="no such model"):
-    predict.Predictor.from_path(config, workdir + "/nope")
+  with pytest.raises(predictor.InferenceError, match="does not fit the config's model"):
+    predictor.Predictor.from_path(wrong, workdir)
+  with pytest.raises(predictor.InferenceError, match="no such model"):
+    predictor.Predictor.from_path(config, workdir + "/nope")

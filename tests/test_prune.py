@@ -150,7 +150,8 @@ def test_excluded_layers_and_bad_options():
 
 
 def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
-  from bpnet_jax import cli, predict, train
+  from bpnet_jax import cli, train
+  from bpnet_jax.inference import predictor
   config, workdir = trained_workdir
   from conftest import write_config_file
   cfg_path = write_config_file(config, tmp_path / "cfg.py")
@@ -168,7 +169,7 @@ def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
              if k in model["layer_widths"])
   assert "params" in capsys.readouterr().out
   # The pruned model is rebuilt from its directory: inference and parameter count.
-  p = predict.Predictor.from_path(config, str(out))
+  p = predictor.Predictor.from_path(config, str(out))
   assert model_lib.count_params(p.backend.variables)["total"] == report["params"]["after"]
   assert isinstance(p.predict(np.zeros((64, 80, 3), np.uint8)), list)
   # Existing output is not replaced without --overwrite.
@@ -181,7 +182,7 @@ def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
   assert r["step"] == r["last_step"] and np.isfinite(r["metrics"]["loss"])
   saved = json.load(open(tmp_path / "retrain" / "config.json"))
   assert saved["model"]["layer_widths"] == model["layer_widths"]
-  q = predict.Predictor.from_path(rc, str(tmp_path / "retrain"))
+  q = predictor.Predictor.from_path(rc, str(tmp_path / "retrain"))
   assert model_lib.count_params(q.backend.variables)["total"] == report["params"]["after"]
   # A checkpoint that does not fit the config fails in one line.
   assert cli.main(["prune", f"--config={cfg_path}", "--config.model.stages=3",

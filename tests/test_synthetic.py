@@ -5,7 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from bpnet_jax import convert, records, synthetic
+from bpnet_jax.data import convert
+from bpnet_jax.data import records
+from bpnet_jax.data import synthetic
 
 
 @pytest.fixture(scope="module")

@@ -60,8 +60,13 @@ def decode(data: bytes) -> dict:
   return rec
 
 
-def write_records(path: str, records: Iterable[dict]) -> int:
-  """Writes records to an ArrayRecord file atomically (temp name, then rename)."""
+def write_records(path: str, records: Iterable[dict], encode_fn=None) -> int:
+  """Writes records to an ArrayRecord file atomically (temp name, then rename).
+
+  encode_fn(record) -> bytes serialises one record (default: this module's pose `encode`);
+  other models' records (e.g. DetectNet_v2's) pass their own.
+  """
+  encode_fn = encode_fn or encode
   from array_record.python import array_record_module
   tmp = path + ".tmp"
   # group_size:1 makes every record individually seekable (true random access).
@@ -69,7 +74,7 @@ def write_records(path: str, records: Iterable[dict]) -> int:
   n = 0
   try:
     for rec in records:
-      writer.write(encode(rec))
+      writer.write(encode_fn(rec))
       n += 1
   finally:
     writer.close()
@@ -77,11 +82,12 @@ def write_records(path: str, records: Iterable[dict]) -> int:
   return n
 
 
-def read_records(paths: Sequence[str]) -> list[dict]:
+def read_records(paths: Sequence[str], decode_fn=None) -> list[dict]:
   """All records of the given files, decoded (for tests and small tools)."""
+  decode_fn = decode_fn or decode
   from array_record.python import array_record_data_source
   src = array_record_data_source.ArrayRecordDataSource(list(paths))
-  return [decode(src[i]) for i in range(len(src))]
+  return [decode_fn(src[i]) for i in range(len(src))]
 
 
 def shard_name(base: str, partition: int, num_partitions: int, shard: int = 0,

@@ -27,7 +27,7 @@ import sys
 import cv2
 import numpy as np
 
-from bpnet_jax.dataset_spec import COCO_KEYPOINTS, coco_spec_dict
+from bpnet_jax.data.dataset_spec import COCO_KEYPOINTS, coco_spec_dict
 
 K = {n: i for i, n in enumerate(COCO_KEYPOINTS)}
 # Drawn segments (COCO-17 names); the torso is drawn as a filled quad.

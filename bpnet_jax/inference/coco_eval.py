@@ -102,7 +102,7 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   {"metrics", "images", "skipped", "people"}.
   """
   from pycocotools.coco import COCO
-  from bpnet_jax.inference import _progress
+  from bpnet_jax.inference.detections import _progress
   with contextlib.redirect_stdout(io.StringIO()):
     gt = COCO(annotations)
   ids = sorted(gt.getImgIds())
@@ -126,5 +126,5 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
 
 
 def _load(path):
-  from bpnet_jax.predict import read_image
+  from bpnet_jax.inference.predictor import read_image
   return read_image(path)

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 
-from bpnet_jax.records import VISIBILITY_NAMES
+from bpnet_jax.data.records import VISIBILITY_NAMES
 
 
 class SpecError(ValueError):

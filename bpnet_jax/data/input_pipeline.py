@@ -22,8 +22,8 @@ from typing import Iterator, Optional, Sequence
 import cv2
 import numpy as np
 
-from bpnet_jax import records as records_lib
-from bpnet_jax.records import Visibility
+from bpnet_jax.data import records as records_lib
+from bpnet_jax.data.records import Visibility
 
 log = logging.getLogger("bpnet.input")
 
@@ -112,7 +112,7 @@ def resolve_record_paths(folder: str, names: Sequence[str]) -> list[str]:
 
 def dataset_roots(dataset_config) -> dict:
   """{dataset name: root directory} from `dataset_specs`."""
-  from bpnet_jax.dataset_spec import load_spec
+  from bpnet_jax.data.dataset_spec import load_spec
   return {name: load_spec(path).root for name, path in dict(dataset_config.dataset_specs).items()}
 
 

@@ -158,7 +158,7 @@ def check_inputs(input_dims, images: Sequence[np.ndarray] = (), seed: int = 0,
                  fill=(128, 128, 128), image_scale=(256.0,) * 3, image_offset=(0.5,) * 3):
   """Normalised check inputs: random batches (1 and 3) and real images preprocessed like
   inference (pad_image_input at input_dims, or 128x160 when dynamic)."""
-  from bpnet_jax.predict import preprocess
+  from bpnet_jax.inference.predictor import preprocess
   h, w = input_dims if input_dims else (128, 160)
   rng = np.random.default_rng(seed)
   out = [rng.uniform(-0.5, 0.5, (1, h, w, 3)).astype(np.float32),
@@ -259,7 +259,7 @@ def calibration_data(image_dir: str, input_dims: Sequence[int], batches: int, ba
   """(batches * batch_size, H, W, 3) float32 normalised calibration images: a seeded random
   sample of the folder's .jpg/.jpeg/.png files, preprocessed like inference (pad_image_input at
   input_dims)."""
-  from bpnet_jax.predict import IMAGE_EXTENSIONS, InferenceError, preprocess, read_image
+  from bpnet_jax.inference.predictor import IMAGE_EXTENSIONS, InferenceError, preprocess, read_image
   if not os.path.isdir(image_dir):
     raise ExportError(f"--cal_image_dir {image_dir}: not a directory")
   files = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -301,7 +301,7 @@ def int8_calibration(config, image_dir: str | None, input_dims: Sequence[int], b
                      cache_file: str | None = None) -> dict:
   """The `calibration` argument of `export` for int8: images of `image_dir` preprocessed with
   the config's normalisation, through `data_file` (made once, then reused) and `cache_file`."""
-  from bpnet_jax.predict import pad_value
+  from bpnet_jax.inference.predictor import pad_value
   n = config.dataloader.normalization_params
   make = lambda: calibration_data(image_dir, input_dims, batches, batch_size,
                                   pad_value(n.image_scale, n.image_offset), n.image_scale,

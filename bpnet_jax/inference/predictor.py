@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 
-from bpnet_jax import postprocess
+from bpnet_jax.inference import postprocess
 from bpnet_jax.model import OUTPUT_STRIDE
 from bpnet_jax.skeleton import Skeleton, load_skeleton
 

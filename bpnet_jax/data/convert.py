@@ -27,9 +27,9 @@ from typing import Optional
 
 import numpy as np
 
-from bpnet_jax import records as records_lib
-from bpnet_jax.dataset_spec import DatasetSpec, SpecError, load_spec
-from bpnet_jax.records import Visibility
+from bpnet_jax.data import records as records_lib
+from bpnet_jax.data.dataset_spec import DatasetSpec, SpecError, load_spec
+from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import Skeleton, load_skeleton
 
 log = logging.getLogger("bpnet.convert")

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import cv2
 
-from bpnet_jax.predict import (IMAGE_EXTENSIONS, InferenceError, Predictor, people_to_json,
+from bpnet_jax.inference.predictor import (IMAGE_EXTENSIONS, InferenceError, Predictor, people_to_json,
                                read_image)
-from bpnet_jax.visualize import draw_people
+from bpnet_jax.inference.visualize import draw_people
 
 FORMAT = "bpnet_jax.detection/1"
 
