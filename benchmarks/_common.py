@@ -46,39 +46,31 @@ def machine_line() -> str:
 
 def load_config(name_or_path: str, overrides=()):
   """A config from configs/<name>.py or a path, with 'a.b=value' overrides."""
-  from bpnet_jax.cli import load_config_file
+  from bpnet_jax.config import load_config_file
   path = name_or_path
-  if not path.endswith(".py"):
+  if not path.split(":")[0].endswith(".py"):
     path = os.path.join(ROOT, "configs", f"{name_or_path}.py")
   return load_config_file(path, overrides)
 
 
 def synthetic_records(tmp: str, num_images: int, width: int = 640, height: int = 480,
                       workers: int = 1, seed: int = 0) -> dict:
-  """Synthetic COCO-like JPEG dataset converted to training records (with masks).
+  """Synthetic COCO-like JPEG dataset converted to training records (with masks), made by the
+  library's one helper (`bpnet_jax.data.synthetic_dataset`).
 
-  Returns {'data': dataset root, 'records': record path, 'num_records': n, 'spec': spec path}.
+  Returns its paths plus 'records' (the record file) and 'num_records'.
   """
-  from bpnet_jax.data import convert
-  from bpnet_jax.data import synthetic
-  data = os.path.join(tmp, "synth")
-  synthetic.make_synthetic(data, num_images, seed=seed, width=width, height=height,
-                           test_fraction=0, progress=False)
-  spec = os.path.join(data, "dataset_spec.json")
-  out = os.path.join(tmp, "records", "train")
-  s = convert.convert(spec, out, "train", generate_masks=True, workers=workers)
-  return {"data": data, "records": out + "-fold-000-of-001", "num_records": s["records"],
-          "spec": spec}
+  from bpnet_jax.data import synthetic_dataset
+  paths = synthetic_dataset.make_dataset(tmp, num_images, seed=seed, width=width, height=height,
+                                         test_fraction=0, workers=workers)
+  return dict(paths, records=os.path.join(paths["records"], synthetic_dataset.TRAIN_RECORDS),
+              num_records=paths["summaries"]["train"]["records"])
 
 
 def point_config_at_records(config, recs: dict):
-  """Sets the config's training data to the records of `synthetic_records`."""
-  d = config.dataloader.dataset_config
-  d.root_data_path = recs["data"]
-  d.train_records_folder_path = os.path.dirname(recs["records"])
-  d.train_records_path = (os.path.basename(recs["records"]),)
-  d.val_records_path = ()
-  d.dataset_specs = {"coco": recs["spec"]}
+  """The config reading the records of `synthetic_records` (no validation)."""
+  from bpnet_jax.data import synthetic_dataset
+  config = synthetic_dataset.point_config(config, recs, validation=False)
   config.trainer.validation_every_n_epoch = 0
   return config
 

@@ -80,7 +80,7 @@ def main():
     recs = _common.synthetic_records(tmp, a.num_images, *size, workers=os.cpu_count())
     print(f"data: {a.num_images} synthetic {size[0]}x{size[1]} JPEG -> {recs['num_records']} "
           f"records in {time.perf_counter() - t:.0f} s")
-    _common.point_config_at_records(c, recs)
+    c = _common.point_config_at_records(c, recs)
     spe = recs["num_records"] // a.batch
     if spe < 1:
       sys.exit(f"end_to_end: {recs['num_records']} records are fewer than one batch of {a.batch}")

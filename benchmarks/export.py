@@ -1,7 +1,7 @@
 """ONNX Runtime latency of exported models: fp32 vs fp16 vs int8 (Q/DQ), batch 1.
 
-  python benchmarks/onnx_model.py                      # configs/coco.py model, 288x384 (the tutorial's)
-  python benchmarks/onnx_model.py --smoke              # tiny model, 64x64 (CI)
+  python benchmarks/export.py                      # configs/coco.py model, 288x384 (the tutorial's)
+  python benchmarks/export.py --smoke              # tiny model, 64x64 (CI)
 
 Builds the config's model (random weights: latency does not depend on their values), exports it
 with `bpnet_jax.export` (each export checks ONNX Runtime against JAX), calibrates the int8 model

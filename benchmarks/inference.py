@@ -122,10 +122,12 @@ def main():
   import jax
   import numpy as np
   from bpnet_jax import model as model_lib
-  from bpnet_jax.inference import predictor
+  from bpnet_jax import checkpoint
+  from bpnet_jax.inference import backends as backends_lib, predictor, preprocess
   config = _common.load_config(a.config, a.set)
   if a.model:
-    config, variables = predictor.load_model(config, a.model)
+    saved = checkpoint.load_model(a.model, config)
+    config, variables = saved.config, saved.variables
   else:
     from bpnet_jax import skeleton as skeleton_lib
     sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
@@ -140,7 +142,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     onnx_paths = {}
 
-    def onnx_model(kind: str, hw):
+    def onnx_path(kind: str, hw):
       """Exported model path for ('fp32', None) (dynamic H, W) or ('int8', (H, W))."""
       from bpnet_jax.export import onnx_model
       key = (kind, hw)
@@ -175,19 +177,20 @@ def main():
               row["where"] = jax.devices()[0].platform
             elif backend.startswith("ort"):
               kind = backend.split("-")[1]
-              path = onnx_model(kind, None if kind == "fp32" else hw)
+              path = onnx_path(kind, None if kind == "fp32" else hw)
               sess, provider = ort_session(path)
               lat, total = timed(lambda: sess.run(None, {"input_1": x}), a.repeats, lambda o: o)
               row["where"] = provider
             else:
               import tensorrt
-              from bpnet_jax.export import onnx_model
+              from bpnet_jax.export import runtimes
+              from bpnet_jax.skeleton import skeleton_from_config
               kind = backend.split("-")[1]
-              src = onnx_model("int8", hw) if kind == "int8" else onnx_model("fp32", None)
+              src = onnx_path("int8", hw) if kind == "int8" else onnx_path("fp32", None)
               eng = os.path.join(tmp, f"{backend}_{hw[0]}x{hw[1]}_b{b}.engine")
-              onnx_model.build_engine(src, eng, kind, hw, max_batch_size=max(batches))
-              trt = predictor.TensorRTBackend(eng, predictor.load_skeleton(
-                  config.dataloader.pose_config.pose_config_path), (1.0,) * 3, (0.0,) * 3)
+              runtimes.build_engine(src, eng, kind, hw, max_batch_size=max(batches))
+              trt = backends_lib.TensorRTBackend(eng, skeleton_from_config(config), (1.0,) * 3,
+                                             (0.0,) * 3)
               lat, total = timed(lambda: trt(x), a.repeats, lambda o: o)
               row["where"] = "TensorRT " + tensorrt.__version__
             row.update(latency_ms=1e3 * lat, ips=b * a.repeats / total)
@@ -200,7 +203,7 @@ def main():
       hw = tuple(int(v) for v in a.e2e_size.split("x"))
       folder = os.path.join(_common.ROOT, "tests", "data", "coco_mini", "train2017")
       files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                     if f.lower().endswith(predictor.IMAGE_EXTENSIONS))
+                     if f.lower().endswith(preprocess.IMAGE_EXTENSIONS))
       if a.e2e_images:
         files = files[:a.e2e_images]
       c = config.copy_and_resolve_references()
@@ -211,7 +214,7 @@ def main():
           c.inference.compute_dtype = "bfloat16" if backend == "jax-bf16" else "float32"
           pred = predictor.Predictor.from_variables(c, variables)
         elif backend == "ort-fp32":
-          pred = predictor.Predictor.from_path(c, onnx_model("fp32", None))
+          pred = predictor.Predictor.from_path(onnx_path("fp32", None), c)
         else:
           sys.exit(f"inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
         for b in (int(v) for v in a.e2e_batches.split(",")):

@@ -68,7 +68,7 @@ def main():
         c = config.copy_and_resolve_references()
         c.trainer.compute_dtype = dtype
         c.dataloader.batch_size = b
-        _common.point_config_at_records(c, recs)
+        c = _common.point_config_at_records(c, recs)
         if a.smoke:
           c.dataloader.max_image_size = (size[1], size[0])
         step = _common.DeviceTrainStep(c)

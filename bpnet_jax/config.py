@@ -10,28 +10,33 @@ impossible values with a one-line `ConfigError` naming the key.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import json
 import numbers
-from typing import Any
+import os
+import sys
+from typing import Any, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
-from bpnet_jax.model import ARCHITECTURES, KERNEL_INITIALIZERS, OUTPUT_STRIDE
+from bpnet_jax.model import (ARCHITECTURES, DOWNSAMPLINGS, KERNEL_INITIALIZERS, OUTPUT_STRIDE,
+                             PADDINGS)
 from bpnet_jax.losses import REGULARIZATION_TYPES
 from bpnet_jax.optimizer import OPTIMIZERS
 from bpnet_jax.schedules import SCHEDULES
-from bpnet_jax.skeleton import SkeletonError, load_skeleton
+from bpnet_jax.skeleton import SkeletonError, skeleton_from_config
+from bpnet_jax.errors import ConfigError
 
 AUGMENTATION_MODES = ("person_centric", "standard", "standard_with_fixed_aspect_ratio")
 ASPECT_RATIO_MODES = ("pad_image_input", "adjust_network_input", "None")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Free-form mappings: their keys are the user's (patterns, dataset names, layer paths).
 FREE_FORM = ("optimizer.grad_weights_dict", "dataloader.dataset_config.dataset_specs",
-             "model.layer_widths")
+             "model.layer_widths", "dataloader.pose_config.definition")
 
 
-class ConfigError(ValueError):
-  """A config key with an unknown name, a wrong type or an impossible value."""
 
 
 def _opt(kind):
@@ -67,6 +72,9 @@ def default_config() -> ml_collections.ConfigDict:
       pose_config=dict(
           target_shape=(32, 32),     # label grid (H, W): image size / output stride
           pose_config_path="bpnet_18joints",  # built-in skeleton name or pose config JSON path
+          # The pose config JSON itself; filled in when a model is saved so that the model
+          # directory carries its skeleton. When set it wins over pose_config_path.
+          definition={},
       ),
       image_config=dict(height=256, width=256, channels=3, image_encoding="jpg"),
       dataset_config=dict(
@@ -130,6 +138,12 @@ def default_config() -> ml_collections.ConfigDict:
       stageT_kernel_sizes=(7, 7, 7, 7, 7),
       width_multiplier=1.0,          # scales every prunable conv width (tiny test models)
       layer_widths={},               # {conv path: filters}, e.g. a pruned architecture
+      # 'symmetric': every conv pads k//2 on each side, as the original; 'same_lax': lax 'SAME'
+      # (bottom/right only for the stride-2 backbone convs; models trained before 0.2).
+      padding="same_lax",
+      # 'strided_conv' (the original) or 'max_pool' (2x2 max pools before blocks 2a/3a/4a, as
+      # VGG19: ImageNet VGG19 weights then apply exactly).
+      backbone_downsampling="strided_conv",
   )
 
   c.optimizer = dict(
@@ -332,6 +346,9 @@ def validate(config) -> ml_collections.ConfigDict:
        "'vgg' (the only backbone implemented)")
   need(m.backbone_attributes.nlayers == 19, "model.backbone_attributes.nlayers", "19 (VGG19)")
   need(2 <= m.stages <= 7, "model.stages", "an integer in 2..7")
+  need(m.padding in PADDINGS, "model.padding", f"one of {PADDINGS}")
+  need(m.backbone_downsampling in DOWNSAMPLINGS, "model.backbone_downsampling",
+       f"one of {DOWNSAMPLINGS}")
   need(m.data_format == "channels_last", "model.data_format", "'channels_last' (NHWC)")
   need(m.regularization_type in REGULARIZATION_TYPES, "model.regularization_type",
        f"one of {REGULARIZATION_TYPES}")
@@ -399,7 +416,7 @@ def validate(config) -> ml_collections.ConfigDict:
   need(inf.compute_dtype in COMPUTE_DTYPES, "inference.compute_dtype", f"one of {COMPUTE_DTYPES}")
 
   try:
-    load_skeleton(d.pose_config.pose_config_path)
+    skeleton_from_config(config)
   except SkeletonError as e:
     raise ConfigError(f"config.dataloader.pose_config.pose_config_path: {e}") from None
   return config
@@ -410,3 +427,101 @@ def _get(config, dotted: str) -> Any:
   for part in dotted.split("."):
     node = node[part]
   return node
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: config files (the one loader for main.py and every command) and saved configs.
+
+def load_config_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """`get_config()` of a Python config file, then 'a.b.c=value' overrides.
+
+  spec is `path.py` or `path.py:arg` (big_vision style): the part after the colon is passed to
+  `get_config(arg)`, so one file holds its variants. The file's grandparent directory goes on
+  sys.path so variants can `from configs import coco` however the command is launched.
+  """
+  path, _, arg = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  try:
+    module_spec = importlib.util.spec_from_file_location("_bpnet_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"config file {path!r} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # An error inside the user's config file: report it in one line.
+    raise ConfigError(f"config file {spec!r} failed to load: {type(e).__name__}: {e}") from None
+  for item in overrides:
+    apply_override(config, item)
+  return config
+
+
+def apply_override(config, item: str) -> None:
+  """Sets 'section.key=value' (value parsed as a Python literal, else kept as a string)."""
+  if "=" not in item:
+    raise ConfigError(f"override {item!r}: expected key=value")
+  key, raw = item.split("=", 1)
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    value = raw
+  node = config
+  parts = key.split(".")
+  for part in parts[:-1]:
+    if part not in node:
+      raise ConfigError(f"override config.{key}: unknown key {part!r}")
+    node = node[part]
+  if parts[-1] not in node:
+    raise ConfigError(f"override config.{key}: unknown key {parts[-1]!r}")
+  try:
+    node[parts[-1]] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"override config.{key}={raw}: {e}") from None
+
+
+def from_dict(data: dict, where: str = "config") -> ml_collections.ConfigDict:
+  """A config from its JSON form (a saved config.json): the schema's defaults, then every saved
+  value (lists become tuples where the schema has tuples); unknown keys are a ConfigError."""
+  config = default_config()
+
+  def merge(node, values, prefix):
+    for key, value in values.items():
+      path = f"{prefix}{key}"
+      if key not in node:
+        raise ConfigError(f"{where}: unknown key config.{path}")
+      if path in FREE_FORM:
+        node[key] = dict(value or {})
+      elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(node[key], value, path + ".")
+      else:
+        if isinstance(value, list) and isinstance(node[key], tuple):
+          value = tuple(value)
+        try:
+          node[key] = value
+        except (TypeError, ValueError) as e:
+          raise ConfigError(f"{where}: config.{path}={value!r}: {e}") from None
+  merge(config, data, "")
+  return config
+
+
+def read_json(path: str) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a model directory's config.json), as a ConfigDict."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{path}: no such config file") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise ConfigError(f"{path}: not a readable config JSON ({e})") from None
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: expected a JSON object of config sections")
+  return from_dict(data, where=path)
+
+
+def to_json(config) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True)

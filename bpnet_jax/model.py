@@ -1,13 +1,18 @@
-"""BodyPoseNet models in Flax: VGG backbone, channel reduction, refinement stages.
+"""BodyPoseNet in Flax, built from one description of the network: the layer spec.
 
-Layout is NHWC. Output stride is 8 (three stride-2 convs), so an (B, H, W, 3) input with H and W
-multiples of 8 gives per-stage maps of (B, H/8, W/8, C). `__call__` returns
-`(heatmaps, pafs)`: two tuples with one array per stage, heatmaps with `skeleton.heat_channels`
-channels (joints + background), PAFs with `skeleton.paf_channels` channels; the last entry of each
-is the final stage. All outputs are linear.
+`layer_spec(net)` lists every conv of the network in execution order (`Layer`: parameter path,
+inputs, kernel, stride, default width, activation, BatchNorm, prunable or not, attention gate).
+The Flax module `BpNet` runs that list; the pruner's channel graph (`bpnet_jax.prune`) and any
+width override (`model.layer_widths`, from pruning or a config) are read off the same list, so
+the network's shape is written once.
 
-Parameter paths follow the original layer names so LR multipliers, pruning and by-name weight
-loading can key on them:
+Layout is NHWC. Output stride is 8, so an (B, H, W, 3) input with H and W multiples of 8 gives
+per-stage maps of (B, H/8, W/8, C). `BpNet.__call__` returns `(heatmaps, pafs)`: two tuples with
+one array per stage, heatmaps with `skeleton.heat_channels` channels (joints + background), PAFs
+with `skeleton.paf_channels`; the last entry of each is the final stage. All outputs are linear.
+
+Parameter paths follow the original layer names, so LR multipliers, pruning and by-name weight
+loading key on them:
   backbone/block_1a_conv_1 ... backbone/block_6a_conv_1 (+ block_*_bn_1)
   channel_reduction_conv
   stage1/conv1..3, stage1/paf/conv4, stage1/cmap/conv4, stage1/paf_branch/out, stage1/heat_branch/out
@@ -15,15 +20,19 @@ loading can key on them:
   stage{t}/paf_branch/conv1..6, stage{t}/heat_branch/conv1..6, [.../attention_conv]   (full)
   paf_out, heatmap_out                                                                (last stage)
 
-Channel widths of every prunable conv can be overridden by name (`layer_widths`), which is how a
-pruned model is rebuilt from data; `width_multiplier` narrows all of them (tiny test models).
+Padding: 'symmetric' pads every conv by k//2 on each side, as the original (whose patched
+Keras padded stride-2 convs symmetrically); 'same_lax' is lax 'SAME' (bottom/right only for the
+three stride-2 backbone convs). Backbone downsampling: 'strided_conv' (the original: blocks 2a,
+3a, 4a are stride-2 convs) or 'max_pool' (VGG19 / OpenPose: a 2x2 max pool before those blocks,
+all convs stride 1), which lets ImageNet VGG19 weights apply exactly. Parameter counts are the
+same in every mode.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +54,103 @@ VGG_BACKBONE = (
 OUTPUT_STRIDE = 8
 ARCHITECTURES = ("BpNetLiteModel", "BpNetModel")
 KERNEL_INITIALIZERS = ("random_normal", "xavier")
+PADDINGS = ("symmetric", "same_lax")
+DOWNSAMPLINGS = ("strided_conv", "max_pool")
+ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid, None: lambda x: x}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One conv of the network.
+
+  path: parameter path ('stage2/paf/conv6'); inputs: producer paths concatenated along channels
+  ('input' is the image); width: output channels before overrides; bn: BatchNorm path applied to
+  its output; prunable: False for the outputs (heatmaps, PAFs); gates: for an attention conv, the
+  layer whose output it multiplies element-wise (both keep the same filters); pool_before: a 2x2
+  max pool on the input (max-pool downsampling).
+  """
+  path: str
+  inputs: tuple
+  kernel: int
+  width: int
+  stride: int = 1
+  activation: str | None = "relu"
+  bn: str | None = None
+  prunable: bool = True
+  gates: str | None = None
+  pool_before: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """The network: its layers in execution order and, per stage, the (heatmap, PAF) layers."""
+  layers: tuple
+  outputs: tuple
+
+
+def layer_spec(net: "BpNet") -> Spec:
+  """The layer list of a network described by BpNet's fields (widths not yet overridden)."""
+  layers = []
+  max_pool = net.backbone_downsampling == "max_pool"
+  prev = "input"
+  for name, kernel, stride, filters in VGG_BACKBONE:
+    layers.append(Layer(f"backbone/{name}_conv_1", (prev,), kernel, filters,
+                        stride=1 if max_pool else stride, bn=f"backbone/{name}_bn_1",
+                        pool_before=max_pool and stride == 2))
+    prev = layers[-1].path
+  layers.append(Layer("channel_reduction_conv", (prev,), 3, 128))
+  feat, outputs = "channel_reduction_conv", []
+  lite = net.architecture == "BpNetLiteModel"
+  for t in range(1, net.stages + 1):
+    last = t == net.stages
+    x = (feat,) if t == 1 else (feat,) + outputs[-1]
+    out_paths = (("heatmap_out", "paf_out") if last else
+                 (f"stage{t}/heat_branch/out", f"stage{t}/paf_branch/out"))
+    if lite:
+      sizes = net.stage1_kernel_sizes if t == 1 else net.stageT_kernel_sizes
+      for i, kernel in enumerate(sizes):
+        layers.append(Layer(f"stage{t}/conv{i + 1}", x, kernel, 128))
+        x = (layers[-1].path,)
+      branches = ((f"stage{t}/cmap", [(f"conv{len(sizes) + 1}", 1, 512 if t == 1 else 128)]),
+                  (f"stage{t}/paf", [(f"conv{len(sizes) + 1}", 1, 512 if t == 1 else 128)]))
+    else:
+      convs = ([(f"conv{i}", 3, 128) for i in (1, 2, 3)] + [("conv4", 1, 512)] if t == 1 else
+               [(f"conv{i}", 7, 128) for i in range(1, 6)] + [("conv6", 1, 128)])
+      branches = ((f"stage{t}/heat_branch", convs), (f"stage{t}/paf_branch", convs))
+    deferred = []     # outputs outside their branch's scope run after both branches
+    for (scope, convs), out, channels, gate in zip(
+        branches, out_paths, (net.skeleton.heat_channels, net.skeleton.paf_channels),
+        ("sigmoid", "tanh")):
+      y = x
+      for name, kernel, width in convs:
+        layers.append(Layer(f"{scope}/{name}", y, kernel, width))
+        y = (layers[-1].path,)
+      if t > 1 and net.use_self_attention:
+        layers.append(Layer(f"{scope}/attention_conv", y, 3, width, activation=gate,
+                            gates=y[0]))
+        y = (layers[-1].path,)
+      head = Layer(out, y, 1, channels, activation=None, prunable=False)
+      (layers if out.startswith(scope + "/") else deferred).append(head)
+    layers.extend(deferred)     # (a scope's layers must be contiguous: Flax names are unique)
+    outputs.append(out_paths)
+  return Spec(tuple(layers), tuple(outputs))
+
+
+def resolved_widths(net: "BpNet", spec: Spec) -> dict:
+  """{layer path: output channels} after `layer_widths` overrides and `width_multiplier`.
+  Attention convs take the width of the layer they gate; outputs keep theirs."""
+  overrides = dict(net.layer_widths)
+  widths = {}
+  for layer in spec.layers:
+    if layer.gates:
+      widths[layer.path] = widths[layer.gates]
+    elif not layer.prunable:
+      widths[layer.path] = layer.width
+    elif layer.path in overrides:
+      widths[layer.path] = int(overrides[layer.path])
+    else:
+      widths[layer.path] = max(1, int(round(layer.width * net.width_multiplier)))
+  return widths
 
 
 def _head_init(kind: str):
@@ -55,78 +161,82 @@ def _head_init(kind: str):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Widths:
-  """Resolves the output width of a prunable conv from its path (overrides, then multiplier)."""
-  overrides: tuple = ()
-  multiplier: float = 1.0
-
-  def __call__(self, path: str, default: int) -> int:
-    for name, width in self.overrides:
-      if name == path:
-        return int(width)
-    return max(1, int(round(default * self.multiplier)))
+class _ConvOptions:
+  """What every conv needs besides its Layer (hashable, so Flax modules can hold it)."""
+  widths: tuple                # ((layer path, output channels), ...)
+  padding: str
+  use_bias: bool
+  backbone_use_bias: bool
+  kernel_initializer: str
+  dtype: Any
 
 
-def _activate(x, activation):
-  if activation is None:
-    return x
-  return {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}[activation](x)
+def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
+  """Conv (+ BatchNorm) + activation of one layer, created in the calling module's scope."""
+  x = jnp.concatenate([env[p] for p in layer.inputs], axis=-1) if len(layer.inputs) > 1 \
+      else env[layer.inputs[0]]
+  if layer.pool_before:
+    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+  backbone = layer.path.startswith("backbone/")
+  pad = layer.kernel // 2
+  y = nn.Conv(dict(opts.widths)[layer.path], (layer.kernel, layer.kernel),
+              (layer.stride, layer.stride),
+              padding=((pad, pad), (pad, pad)) if opts.padding == "symmetric" else "SAME",
+              use_bias=opts.backbone_use_bias if backbone else opts.use_bias,
+              kernel_init=(nn.initializers.glorot_uniform() if backbone
+                           else _head_init(opts.kernel_initializer)),
+              bias_init=nn.initializers.zeros, dtype=opts.dtype,
+              name=layer.path.split("/")[-1])(x)
+  if layer.bn:
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+                     dtype=opts.dtype, name=layer.bn.split("/")[-1])(y)
+  y = ACTIVATIONS[layer.activation](y)
+  return env[layer.gates] * y if layer.gates else y
 
 
-class VggBackbone(nn.Module):
-  """Modified VGG19: (B, H, W, 3) -> (B, ceil(H/8), ceil(W/8), 256). Conv -> BN -> ReLU."""
-  widths: Any
-  use_bias: bool = False
-  dtype: Any = jnp.float32
+def _run_layers(layers: tuple, depth: int, opts: _ConvOptions, env: dict, train: bool) -> dict:
+  """Applies layers in order; a run of layers sharing the next path component goes into a
+  child `_Scope` of that name, so parameter paths equal layer paths."""
+  env = dict(env)
+  i = 0
+  while i < len(layers):
+    parts = layers[i].path.split("/")
+    if len(parts) == depth + 1:
+      env[layers[i].path] = _apply_layer(layers[i], opts, env, train)
+      i += 1
+      continue
+    j = i
+    while j < len(layers) and len(layers[j].path.split("/")) > depth + 1 \
+        and layers[j].path.split("/")[depth] == parts[depth]:
+      j += 1
+    env = _Scope(layers[i:j], depth + 1, opts, name=parts[depth])(env, train)
+    i = j
+  return env
+
+
+class _Scope(nn.Module):
+  """The layers under one path prefix (e.g. 'backbone', 'stage2', 'stage2/paf')."""
+  layers: tuple
+  depth: int
+  opts: _ConvOptions
 
   @nn.compact
-  def __call__(self, x, train: bool = False):
-    for name, k, stride, filters in VGG_BACKBONE:
-      # TF/Keras 'same' padding for stride 2 pads bottom/right only; lax 'SAME' does the same.
-      x = nn.Conv(self.widths(f"backbone/{name}_conv_1", filters), (k, k), (stride, stride),
-                  padding="SAME", use_bias=self.use_bias,
-                  kernel_init=nn.initializers.glorot_uniform(), dtype=self.dtype,
-                  name=f"{name}_conv_1")(x)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
-                       dtype=self.dtype, name=f"{name}_bn_1")(x)
-      x = nn.relu(x)
-    return x
+  def __call__(self, env: dict, train: bool):
+    return _run_layers(self.layers, self.depth, self.opts, env, train)
 
 
-class Branch(nn.Module):
-  """A named group of head convs, applied in order; attention gating multiplies its result in.
+class BpNet(nn.Module):
+  """BodyPoseNet: modified VGG19 backbone, channel reduction, refinement stages.
 
-  `convs` is a tuple of (name, features, kernel, activation). A name 'attention_conv' gates: the
-  running tensor is multiplied element-wise by that conv's output (tanh or sigmoid).
-  """
-  convs: tuple
-  use_bias: bool = True
-  kernel_init: Any = nn.initializers.normal(0.01)
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return _conv_stack(x, self.convs, use_bias=self.use_bias, kernel_init=self.kernel_init,
-                       dtype=self.dtype)
-
-
-def _conv_stack(x, convs, **conv_kwargs):
-  """Applies (name, features, kernel, activation) convs in the calling module's scope."""
-  for name, features, kernel, act in convs:
-    y = _activate(nn.Conv(features, (kernel, kernel), padding="SAME",
-                          bias_init=nn.initializers.zeros, name=name, **conv_kwargs)(x), act)
-    x = x * y if name == "attention_conv" else y
-  return x
-
-
-class BpNetLiteModel(nn.Module):
-  """BodyPoseNet lite: each stage has a shared trunk, then a 1x1 split into PAF and heatmap.
-
-  Stage 1: trunk convs of `stage1_kernel_sizes` (128 ch), then 1x1/512 per branch.
-  Stage t>=2 reads concat(F, heat_{t-1}, paf_{t-1}); trunk convs of `stageT_kernel_sizes`,
-  then 1x1/128 per branch, optional attention gates (tanh for PAF, sigmoid for heatmap).
+  architecture 'BpNetLiteModel': each stage has a shared trunk (stage1_kernel_sizes /
+  stageT_kernel_sizes, 128 wide), then a 1x1 split into PAF and heatmap branches (512 wide in
+  stage 1, 128 after). 'BpNetModel': every stage has two separate branches (stage 1: three
+  3x3/128 convs and 1x1/512; later stages: five 7x7/128 and 1x1/128). Stage t >= 2 reads
+  concat(features, heatmaps_{t-1}, pafs_{t-1}); attention gates (tanh for PAF, sigmoid for
+  heatmaps) multiply the branch features of stages >= 2.
   """
   skeleton: Skeleton
+  architecture: str = "BpNetLiteModel"
   stages: int = 3
   use_self_attention: bool = False
   use_bias: bool = True
@@ -135,138 +245,33 @@ class BpNetLiteModel(nn.Module):
   stage1_kernel_sizes: Sequence[int] = (3, 3, 3)
   stageT_kernel_sizes: Sequence[int] = (7, 7, 7, 7, 7)
   width_multiplier: float = 1.0
-  layer_widths: tuple = ()          # ((conv path, filters), ...) overrides, e.g. from pruning
+  layer_widths: tuple = ()          # ((layer path, filters), ...) overrides, e.g. from pruning
+  padding: str = "symmetric"
+  backbone_downsampling: str = "strided_conv"
   dtype: Any = jnp.float32          # compute dtype; parameters stay float32
 
-  def _trunk(self, t, w):
-    sizes = self.stage1_kernel_sizes if t == 1 else self.stageT_kernel_sizes
-    return tuple((f"conv{i + 1}", w(f"stage{t}/conv{i + 1}", 128), k, "relu")
-                 for i, k in enumerate(sizes))
-
-  def _branch(self, t, kind, w):
-    sizes = self.stage1_kernel_sizes if t == 1 else self.stageT_kernel_sizes
-    name = f"conv{len(sizes) + 1}"
-    width = w(f"stage{t}/{kind}/{name}", 512 if t == 1 else 128)
-    convs = [(name, width, 1, "relu")]
-    if t > 1 and self.use_self_attention:
-      # The gate must match the gated tensor's width.
-      convs.append(("attention_conv", width, 3, "tanh" if kind == "paf" else "sigmoid"))
-    return tuple(convs)
-
   @nn.compact
   def __call__(self, images, train: bool = False):
-    """images: (B, H, W, 3) normalised. Returns (heatmaps, pafs), tuples of stages."""
-    return _forward(self, images, train, lite=True)
-
-
-class BpNetModel(BpNetLiteModel):
-  """BodyPoseNet (full): every stage has two separate branches (PAF and heatmap).
-
-  Stage 1 branch: three 3x3/128 convs, 1x1/512. Stage t>=2 branch: five 7x7/128 convs, 1x1/128,
-  optional attention gate. The lite model's kernel-size lists do not apply.
-  """
-
-  def _full_branch(self, t, kind, w):
-    scope = f"stage{t}/{kind}"
-    if t == 1:
-      convs = [(f"conv{i}", w(f"{scope}/conv{i}", 128), 3, "relu") for i in (1, 2, 3)]
-      convs.append(("conv4", w(f"{scope}/conv4", 512), 1, "relu"))
-    else:
-      convs = [(f"conv{i}", w(f"{scope}/conv{i}", 128), 7, "relu") for i in range(1, 6)]
-      convs.append(("conv6", w(f"{scope}/conv6", 128), 1, "relu"))
-      if self.use_self_attention:
-        convs.append(("attention_conv", convs[-1][1], 3,
-                      "tanh" if kind == "paf_branch" else "sigmoid"))
-    return tuple(convs)
-
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    return _forward(self, images, train, lite=False)
-
-
-def _forward(m: BpNetLiteModel, images, train, lite):
-  if m.stages < 2:
-    raise ValueError(f"stages must be >= 2, got {m.stages}")
-  w = _Widths(m.layer_widths, m.width_multiplier)
-  init = _head_init(m.kernel_initializer)
-  sk = m.skeleton
-  x = images.astype(m.dtype)
-  x = VggBackbone(w, m.backbone_use_bias, m.dtype, name="backbone")(x, train)
-  feat = nn.Conv(w("channel_reduction_conv", 128), (3, 3), padding="SAME", use_bias=m.use_bias,
-                 kernel_init=init, bias_init=nn.initializers.zeros, dtype=m.dtype,
-                 name="channel_reduction_conv")(x)
-  feat = nn.relu(feat)
-
-  heats, pafs = [], []
-  x = feat
-  for t in range(1, m.stages + 1):
-    last = t == m.stages
-    if t > 1:
-      x = jnp.concatenate([feat, heats[-1], pafs[-1]], axis=-1)
-    kw = dict(use_bias=m.use_bias, kernel_init=init, dtype=m.dtype)
-    if lite:
-      convs = dict(trunk_convs=m._trunk(t, w), paf_convs=m._branch(t, "paf", w),
-                   cmap_convs=m._branch(t, "cmap", w))
-    else:
-      convs = dict(trunk_convs=(), paf_convs=m._full_branch(t, "paf_branch", w),
-                   cmap_convs=m._full_branch(t, "heat_branch", w))
-    heat, paf = _Stage(lite=lite, last=last, heat_channels=sk.heat_channels,
-                       paf_channels=sk.paf_channels, name=f"stage{t}", **convs, **kw)(x)
-    if last:
-      # The final stage's outputs live at the top level, named as the exported tensors.
-      heat = _conv_stack(heat, (("heatmap_out", sk.heat_channels, 1, None),), **kw)
-      paf = _conv_stack(paf, (("paf_out", sk.paf_channels, 1, None),), **kw)
-    heats.append(heat)
-    pafs.append(paf)
-  return tuple(heats), tuple(pafs)
-
-
-class _Stage(nn.Module):
-  """One stage: (B, h, w, Cin) -> (heat, paf) maps, or branch features for the final stage.
-
-  Lite: shared trunk convs (stage{t}/conv*), then `paf`/`cmap` 1x1 branches and, unless final,
-  the outputs `paf_branch/out`, `heat_branch/out`. Full: `paf_branch`/`heat_branch` hold all their
-  convs including `out`. The final stage's outputs are applied by the caller (`paf_out`,
-  `heatmap_out` at the top level, as the original names them).
-  """
-  trunk_convs: tuple
-  paf_convs: tuple
-  cmap_convs: tuple
-  lite: bool
-  last: bool
-  heat_channels: int
-  paf_channels: int
-  use_bias: bool = True
-  kernel_init: Any = nn.initializers.normal(0.01)
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    kw = dict(use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype)
-    heat_out = () if self.last else (("out", self.heat_channels, 1, None),)
-    paf_out = () if self.last else (("out", self.paf_channels, 1, None),)
-    if not self.lite:
-      return (Branch(self.cmap_convs + heat_out, name="heat_branch", **kw)(x),
-              Branch(self.paf_convs + paf_out, name="paf_branch", **kw)(x))
-    x = _conv_stack(x, self.trunk_convs, **kw)    # stage{t}/conv*, directly in the stage scope
-    heat = Branch(self.cmap_convs, name="cmap", **kw)(x)
-    paf = Branch(self.paf_convs, name="paf", **kw)(x)
-    if not self.last:
-      heat = Branch(heat_out, name="heat_branch", **kw)(heat)
-      paf = Branch(paf_out, name="paf_branch", **kw)(paf)
-    return heat, paf
+    """images: (B, H, W, 3) normalised. Returns (heatmaps, pafs), tuples over stages."""
+    if self.stages < 2:
+      raise ValueError(f"stages must be >= 2, got {self.stages}")
+    spec = layer_spec(self)
+    opts = _ConvOptions(tuple(resolved_widths(self, spec).items()), self.padding, self.use_bias,
+                        self.backbone_use_bias, self.kernel_initializer, self.dtype)
+    env = _run_layers(spec.layers, 0, opts, {"input": images.astype(self.dtype)}, train)
+    return tuple(env[h] for h, _ in spec.outputs), tuple(env[p] for _, p in spec.outputs)
 
 
 # ----------------------------------------------------------------------------------------------
 # Building from a config, and inspecting parameters.
 
-def build_model(model_config, skeleton: Skeleton, compute_dtype: str = "float32") -> nn.Module:
-  """Builds the model described by `config.model` for `skeleton`."""
-  cls = {"BpNetLiteModel": BpNetLiteModel, "BpNetModel": BpNetModel}[model_config.architecture]
+def build_model(model_config, skeleton: Skeleton, compute_dtype: str = "float32") -> BpNet:
+  """The network described by `config.model` for `skeleton`."""
   layer_widths = tuple(sorted((str(k), int(v)) for k, v in
                               dict(model_config.get("layer_widths") or {}).items()))
-  return cls(
-      skeleton=skeleton, stages=int(model_config.stages),
+  return BpNet(
+      skeleton=skeleton, architecture=str(model_config.architecture),
+      stages=int(model_config.stages),
       use_self_attention=bool(model_config.use_self_attention),
       use_bias=bool(model_config.use_bias),
       backbone_use_bias=bool(model_config.backbone_attributes.use_bias),
@@ -274,7 +279,9 @@ def build_model(model_config, skeleton: Skeleton, compute_dtype: str = "float32"
       stage1_kernel_sizes=tuple(model_config.stage1_kernel_sizes),
       stageT_kernel_sizes=tuple(model_config.stageT_kernel_sizes),
       width_multiplier=float(model_config.width_multiplier),
-      layer_widths=layer_widths, dtype=jnp.dtype(compute_dtype))
+      layer_widths=layer_widths, padding=str(model_config.get("padding", "symmetric")),
+      backbone_downsampling=str(model_config.get("backbone_downsampling", "strided_conv")),
+      dtype=jnp.dtype(compute_dtype))
 
 
 def init_variables(model: nn.Module, rng, height: int = 256, width: int = 256, batch: int = 1):
@@ -321,15 +328,14 @@ def param_table(variables, depth: int = 1) -> str:
   for col in ("params", "batch_stats"):
     for p, x in jax.tree_util.tree_flatten_with_path(variables.get(col, {}))[0]:
       module = path_str(p).split("/")[:-1]   # drop the leaf name (kernel, bias, scale, ...)
-      key = "/".join(module[:depth])
-      r = rows.setdefault(key, [0, 0, 0])
+      row = rows.setdefault("/".join(module[:depth]), [0, 0, 0])
       n = int(np.prod(x.shape))
-      r[0 if col == "params" else 1] += n
-      r[2] += n
+      row[0 if col == "params" else 1] += n
+      row[2] += n
   width = max([len(k) for k in rows] + [6])
   lines = [f"{'module':<{width}}  {'trainable':>12}  {'non-train':>10}  {'total':>12}"]
-  for k, (t, nt, tot) in rows.items():
-    lines.append(f"{k:<{width}}  {t:>12,}  {nt:>10,}  {tot:>12,}")
+  for key, (trainable, non_trainable, total) in rows.items():
+    lines.append(f"{key:<{width}}  {trainable:>12,}  {non_trainable:>10,}  {total:>12,}")
   c = count_params(variables)
   lines.append(f"{'TOTAL':<{width}}  {c['trainable']:>12,}  {c['non_trainable']:>10,}  "
                f"{c['total']:>12,}")

@@ -16,28 +16,29 @@ previous heatmaps, previous PAFs), whose head channels are never pruned. Output 
 stage's heatmap and PAF convs) keep all their filters; `excluded` layers too.
 
 The pruned architecture is data: `widths` ({conv path: filters}) goes into
-`config.model.layer_widths`, and `save_pruned` writes it next to the weights (OUT_DIR/model.json,
-OUT_DIR/state) so `trainer.pretrained_weights=OUT_DIR, load_graph=True` rebuilds the model.
+`config.model.layer_widths`, and `prune_checkpoint` writes a model directory (OUT_DIR/config.json
+with those widths, OUT_DIR/state, prune_report.json), so inference, export and
+`trainer.pretrained_weights=OUT_DIR, load_graph=True` rebuild the pruned model from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from bpnet_jax import checkpoint as checkpoint_lib
+from bpnet_jax import fileio
 from bpnet_jax import model as model_lib
+from bpnet_jax.errors import PruneError
 
 NORMALIZERS = ("max", "L2", "off")
 CRITERIA = ("union", "intersection", "arithmetic_mean", "geometric_mean")
-
-
-class PruneError(ValueError):
-  """Pruning options or inputs that cannot be used (reported in one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,44 +54,9 @@ class Node:
 
 
 def model_graph(model) -> list[Node]:
-  """The channel graph of a BpNetLiteModel / BpNetModel, mirroring `model._forward`."""
-  nodes, prev = [], "input"
-  for name, *_ in model_lib.VGG_BACKBONE:
-    nodes.append(Node(f"backbone/{name}_conv_1", (prev,), bn=f"backbone/{name}_bn_1"))
-    prev = nodes[-1].name
-  nodes.append(Node("channel_reduction_conv", (prev,)))
-  feat, heat, paf = "channel_reduction_conv", None, None
-  lite = not isinstance(model, model_lib.BpNetModel)
-  for t in range(1, model.stages + 1):
-    last = t == model.stages
-    x = (feat,) if t == 1 else (feat, heat, paf)
-    outs = {"heat": "heatmap_out" if last else f"stage{t}/heat_branch/out",
-            "paf": "paf_out" if last else f"stage{t}/paf_branch/out"}
-    if lite:
-      sizes = model.stage1_kernel_sizes if t == 1 else model.stageT_kernel_sizes
-      for i in range(len(sizes)):
-        nodes.append(Node(f"stage{t}/conv{i + 1}", x))
-        x = (nodes[-1].name,)
-      branches = {"heat": (f"stage{t}/cmap", len(sizes) + 1, x),
-                  "paf": (f"stage{t}/paf", len(sizes) + 1, x)}
-      for kind, (scope, last_conv, inp) in branches.items():
-        nodes.append(Node(f"{scope}/conv{last_conv}", inp))
-        _gate_and_head(nodes, model, t, scope, f"{scope}/conv{last_conv}", outs[kind])
-    else:
-      for kind, scope in (("heat", f"stage{t}/heat_branch"), ("paf", f"stage{t}/paf_branch")):
-        y = x
-        for i in range(1, (4 if t == 1 else 6) + 1):
-          nodes.append(Node(f"{scope}/conv{i}", y))
-          y = (nodes[-1].name,)
-        _gate_and_head(nodes, model, t, scope, y[0], outs[kind])
-    heat, paf = outs["heat"], outs["paf"]
-  return nodes
-
-
-def _gate_and_head(nodes, model, t, scope, conv, out):
-  if t > 1 and model.use_self_attention:
-    nodes.append(Node(f"{scope}/attention_conv", (conv,), gates=conv))
-  nodes.append(Node(out, (conv,), head=True))
+  """The channel graph of a BpNet, read off its layer spec (`bpnet_jax.model.layer_spec`)."""
+  return [Node(layer.path, layer.inputs, bn=layer.bn, head=not layer.prunable,
+               gates=layer.gates) for layer in model_lib.layer_spec(model).layers]
 
 
 def filter_norms(kernel) -> np.ndarray:
@@ -138,7 +104,6 @@ def prune(variables, graph: list[Node], threshold: float = 0.1, normalizer: str 
   widths: {conv path: kept filters} for every prunable conv (attention gates follow the conv
   they gate); layers: {conv path: {"kept", "total", "clamped_by_min_filters"}}.
   """
-  from flax import traverse_util
   if normalizer not in NORMALIZERS:
     raise PruneError(f"normalizer {normalizer!r}: expected one of {NORMALIZERS}")
   if criterion not in CRITERIA:
@@ -206,8 +171,6 @@ def prune(variables, graph: list[Node], threshold: float = 0.1, normalizer: str 
 
 def flops(model, variables, height: int, width: int) -> float:
   """Forward-pass FLOPs of one (height, width) image, as XLA counts them."""
-  import jax
-  import jax.numpy as jnp
   x = jax.ShapeDtypeStruct((1, height, width, 3), jnp.float32)
   abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32),
                                     variables)
@@ -217,107 +180,19 @@ def flops(model, variables, height: int, width: int) -> float:
   return float(cost["flops"])
 
 
-def save_pruned(out_dir: str, variables, model_config: dict, report: dict,
-                overwrite: bool = False) -> None:
-  """OUT_DIR/state (Orbax: params + batch stats), model.json, prune_report.json; written to a
-  temporary directory first, then renamed."""
-  import orbax.checkpoint as ocp
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f"{out_dir} already exists and is not empty (pass --overwrite to "
-                          "replace it)")
-  tmp = out_dir + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(tmp, "state"), variables)
-  with open(os.path.join(tmp, "model.json"), "w") as f:
-    json.dump({"format": "bpnet_jax.pruned/1", "model": model_config}, f, indent=1)
-  with open(os.path.join(tmp, "prune_report.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
-
-
-def read_pruned_model(path: str) -> dict | None:
-  """The model section saved with a pruned model (None if `path` is not a pruned model dir)."""
-  f = os.path.join(path, "model.json")
-  if not os.path.isfile(f):
-    return None
-  try:
-    with open(f) as fh:
-      data = json.load(fh)
-    return dict(data["model"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    raise PruneError(f"{f}: not a pruned model description ({e})") from None
-
-
-# The architecture keys a pruned model fixes; the config must agree on them.
-ARCHITECTURE_KEYS = ("architecture", "stages", "use_self_attention", "use_bias",
-                     "stage1_kernel_sizes", "stageT_kernel_sizes")
-
-
-def apply_pruned_model(config, path: str) -> bool:
-  """Sets config.model.layer_widths from a pruned model dir (True if `path` is one).
-
-  The pruned model's architecture must match the config's (stages, kernel sizes, ...).
-  """
-  saved = read_pruned_model(path)
-  if saved is None:
-    return False
-  m = config.model
-  for key in ARCHITECTURE_KEYS:
-    if key in saved and _norm(saved[key]) != _norm(m[key]):
-      raise PruneError(f"{path}: the pruned model has model.{key}={saved[key]!r} but the config "
-                       f"has {m[key]!r}")
-  if saved.get("backbone_use_bias") is not None and \
-      saved["backbone_use_bias"] != m.backbone_attributes.use_bias:
-    raise PruneError(f"{path}: the pruned model has backbone use_bias="
-                     f"{saved['backbone_use_bias']} but the config has "
-                     f"{m.backbone_attributes.use_bias}")
-  with m.unlocked() if hasattr(m, "unlocked") else _nullcontext():
-    m.width_multiplier = float(saved.get("width_multiplier", m.width_multiplier))
-    m.layer_widths = {str(k): int(v) for k, v in saved["layer_widths"].items()}
-  return True
-
-
-def _norm(v):
-  return list(v) if isinstance(v, (list, tuple)) else v
-
-
-class _nullcontext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *a):
-    return False
-
-
-def model_description(config, widths: dict) -> dict:
-  """The model section stored with a pruned model."""
-  m = config.model
-  out = {k: _norm(m[k]) for k in ARCHITECTURE_KEYS}
-  out["backbone_use_bias"] = bool(m.backbone_attributes.use_bias)
-  out["width_multiplier"] = float(m.width_multiplier)
-  out["layer_widths"] = {k: int(v) for k, v in sorted(widths.items())}
-  return out
-
-
-def prune_checkpoint(config, checkpoint: str, out_dir: str, threshold: float = 0.1,
+def prune_checkpoint(checkpoint: str, out_dir: str, threshold: float = 0.1,
                      normalizer: str = "max", criterion: str = "union", granularity: int = 8,
-                     min_filters: int = 16, excluded=(), overwrite: bool = False) -> dict:
-  """Prunes a training checkpoint (or a pruned model, again) into out_dir; returns the report.
-
-  The checkpoint must fit `config.model` (PruneError naming the difference otherwise).
+                     min_filters: int = 16, excluded=(), overwrite: bool = False,
+                     config=None) -> dict:
+  """Prunes a saved model (workdir, checkpoint or pruned model dir) into out_dir, a model
+  directory of its own (state/, config.json with the pruned widths, prune_report.json);
+  returns the report. `config` (optional) may only change inference settings.
   """
-  from bpnet_jax.inference import predictor
-  from bpnet_jax.skeleton import load_skeleton
-  sk = load_skeleton(config.dataloader.pose_config.pose_config_path)
-  try:
-    config, variables = predictor.load_model(config, checkpoint)
-  except predictor.InferenceError as e:
-    raise PruneError(str(e)) from None
+  if not (0.0 <= threshold <= 1.0):     # also rejects NaN
+    raise PruneError(f"pruning threshold {threshold}: expected a number in [0, 1]")
+  fileio.check_can_write([out_dir], overwrite)
+  saved = checkpoint_lib.load_model(checkpoint, config)
+  config, variables, sk = saved.config, saved.variables, saved.skeleton
   model = model_lib.build_model(config.model, sk)
   graph = model_graph(model)
   pruned, widths, layers = prune(variables, graph, threshold, normalizer, criterion,
@@ -339,5 +214,6 @@ def prune_checkpoint(config, checkpoint: str, out_dir: str, threshold: float = 0
       "clamped_by_min_filters": [n for n, l in layers.items() if l["clamped_by_min_filters"]],
       "layers": layers,
   }
-  save_pruned(out_dir, pruned, model_description(pruned_config, widths), report, overwrite)
+  checkpoint_lib.save_model_dir(out_dir, pruned, pruned_config,
+                                {"prune_report.json": report}, overwrite)
   return report

@@ -30,13 +30,12 @@ import os
 from typing import Sequence
 
 import numpy as np
+from bpnet_jax.errors import SkeletonError
 
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "skeletons")
 DEFAULT_SKELETON = "bpnet_18joints"
 
 
-class SkeletonError(ValueError):
-  """A pose config JSON that does not describe a usable skeleton."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,3 +268,16 @@ def load_skeleton(path_or_name: str = DEFAULT_SKELETON) -> Skeleton:
   except (OSError, json.JSONDecodeError) as e:
     raise SkeletonError(f"{path}: cannot read pose config JSON ({e})") from None
   return from_json(data, name=os.path.splitext(os.path.basename(path))[0], where=path)
+
+
+def skeleton_from_config(config) -> Skeleton:
+  """The skeleton a config describes: `dataloader.pose_config.definition` (the pose config JSON
+  a saved model carries) if set, else `pose_config_path` (a built-in name or a JSON path)."""
+  pc = config.dataloader.pose_config
+  definition = pc.get("definition") or {}
+  if definition:
+    if hasattr(definition, "to_dict"):
+      definition = definition.to_dict()
+    name = os.path.splitext(os.path.basename(str(pc.pose_config_path)))[0] or "custom"
+    return from_json(definition, name=name, where="config.dataloader.pose_config.definition")
+  return load_skeleton(pc.pose_config_path)

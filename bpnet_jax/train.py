@@ -35,15 +35,19 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bpnet_jax import augment, config as config_lib, losses, model as model_lib
+import tqdm
+from array_record.python import array_record_data_source
+from tensorboardX import SummaryWriter
+
+from bpnet_jax import augment, checkpoint as checkpoint_lib, config as config_lib, losses
+from bpnet_jax import model as model_lib, optimizer as optimizer_lib, schedules
+from bpnet_jax import skeleton as skeleton_lib
 from bpnet_jax.data import input_pipeline
-from bpnet_jax import optimizer as optimizer_lib, schedules, skeleton as skeleton_lib
+from bpnet_jax.errors import DataError, TrainingError
 
 log = logging.getLogger("bpnet.train")
 
 
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, unusable data or checkpoint); reported in one line."""
 
 
 @flax.struct.dataclass
@@ -149,98 +153,6 @@ def jit_train_step(train_step, mesh: Mesh, state_example):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints.
-
-def checkpoint_manager(workdir: str, max_to_keep: int):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-      item_names=("state", "data", "meta"))
-
-
-def save_checkpoint(mngr, state: TrainState, data_state, meta: dict):
-  import orbax.checkpoint as ocp
-  mngr.save(int(state.step), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
-      meta=ocp.args.JsonSave(meta)))
-
-
-def restore_latest(mngr, abstract_state):
-  """(state, data_state, meta, step) from the newest readable checkpoint, or None.
-
-  A checkpoint that fails to restore (partially written, files missing or corrupt) is skipped
-  with a warning and the one before it is tried.
-  """
-  import orbax.checkpoint as ocp
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      r = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Any failure means this checkpoint is unusable; try older ones.
-      log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one", step,
-                  type(e).__name__, str(e).splitlines()[0][:200])
-      continue
-    return r["state"], (r["data"] or None), r["meta"], step
-  return None
-
-
-def _find_checkpoint_dir(path: str):
-  """A checkpoint step directory from a workdir, a checkpoints dir or a step dir."""
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  for cand in (os.path.join(path, "checkpoints"), path):
-    if os.path.isdir(cand):
-      steps = sorted((int(d) for d in os.listdir(cand) if d.isdigit()), reverse=True)
-      for s in steps:
-        if os.path.isdir(os.path.join(cand, str(s), "state")):
-          return os.path.join(cand, str(s))
-  raise TrainingError(f"{path}: no checkpoint found (expected a workdir, its checkpoints/ "
-                      "directory, or a checkpoint step directory)")
-
-
-def read_checkpoint_state(path: str, abstract=None):
-  """The saved train state of a checkpoint: raw nested dicts of arrays, or, given an abstract
-  TrainState, a TrainState of that structure (TrainingError if the checkpoint does not fit)."""
-  import orbax.checkpoint as ocp
-  step_dir = os.path.abspath(os.path.join(_find_checkpoint_dir(path), "state"))
-  with ocp.StandardCheckpointer() as ckptr:
-    if abstract is None:
-      return ckptr.restore(step_dir)
-    try:
-      return ckptr.restore(step_dir, abstract)
-    except (ValueError, KeyError, TypeError) as e:
-      raise TrainingError(f"{path}: the checkpoint does not match this config's model and "
-                          f"optimizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-                          ) from None
-
-
-def load_by_name(target, source):
-  """Copies every leaf of `source` whose path and shape match into `target`.
-
-  Returns (new target, report) with report = {'loaded': [...], 'missing': [...],
-  'shape_mismatch': [...]} of parameter paths.
-  """
-  flat_src = {model_lib.path_str(p): v for p, v in
-              jax.tree_util.tree_flatten_with_path(source)[0]}
-  report = {"loaded": [], "missing": [], "shape_mismatch": []}
-
-  def pick(path, x):
-    name = model_lib.path_str(path)
-    if name not in flat_src:
-      report["missing"].append(name)
-      return x
-    v = flat_src[name]
-    if tuple(v.shape) != tuple(x.shape):
-      report["shape_mismatch"].append(f"{name} {tuple(v.shape)} vs {tuple(x.shape)}")
-      return x
-    report["loaded"].append(name)
-    return jnp.asarray(v, x.dtype)
-  return jax.tree_util.tree_map_with_path(pick, target), report
-
-
-# ----------------------------------------------------------------------------------------------
 # Logging.
 
 class MetricsLog:
@@ -260,11 +172,7 @@ class MetricsLog:
         f.writelines(keep)
       os.replace(tmp, self.path)
     self.file = open(self.path, "a")
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-    except ImportError:
-      log.warning("tensorboardX is not installed: no TensorBoard scalars (metrics.jsonl only)")
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
   def write(self, step: int, values: dict):
     if not self.enabled:
@@ -284,25 +192,6 @@ class MetricsLog:
         self.tb.close()
 
 
-def _save_config(config, workdir):
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    old = open(path).read()
-    if old == text:
-      return
-    n = 1
-    while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
-      n += 1
-    os.replace(path, os.path.join(workdir, f"config.{n}.json"))
-    log.warning("the config differs from the one this workdir last ran with; the old one is "
-                "kept as config.%d.json", n)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -310,16 +199,11 @@ def setup(config, devices=None) -> Setup:
   config_lib.validate(config)
   if config.trainer.load_graph:
     # Retraining a pruned model: its architecture (layer widths) comes with its weights.
-    from bpnet_jax import prune as prune_lib
-    config = config.copy_and_resolve_references()
-    try:
-      if not prune_lib.apply_pruned_model(config, config.trainer.pretrained_weights):
-        raise TrainingError(f"trainer.load_graph=True needs trainer.pretrained_weights to be a "
-                            f"pruned model directory (with model.json, from `bpnet prune`); "
-                            f"{config.trainer.pretrained_weights} is not one")
-    except prune_lib.PruneError as e:
-      raise TrainingError(str(e)) from None
-  sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
+    config = checkpoint_lib.architecture_from(config.trainer.pretrained_weights, config)
+  # The saved config carries the skeleton, so the workdir and its checkpoints describe
+  # themselves.
+  config = checkpoint_lib.with_skeleton(config)
+  sk = skeleton_lib.skeleton_from_config(config)
   mesh = make_mesh(devices)
   n_dev = mesh.devices.size
   if config.dataloader.batch_size % n_dev:
@@ -332,7 +216,6 @@ def setup(config, devices=None) -> Setup:
     raise TrainingError(str(e)) from None
   d = config.dataloader.dataset_config
   paths = input_pipeline.resolve_record_paths(d.train_records_folder_path, d.train_records_path)
-  from array_record.python import array_record_data_source
   num_records = len(array_record_data_source.ArrayRecordDataSource(paths))
   spe, last = _steps(config, num_records)
   sched = schedules.from_config(config.optimizer.learning_rate_schedule, spe, last)
@@ -348,36 +231,36 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
   main_process = jax.process_index() == 0
   if main_process:
-    _save_config(cfg, workdir)
+    checkpoint_lib.save_run_config(cfg, workdir)
 
   tx_fn = lambda params: optimizer_lib.optimizer_from_config(cfg, params, s.schedule)
   replicated = NamedSharding(s.mesh, P())
   with jax.set_mesh(s.mesh):
     state = jax.jit(lambda: init_state(cfg, s.model, tx_fn, h, w), out_shardings=replicated)()
   tx = tx_fn(state.params)
-  mngr = checkpoint_manager(workdir, t.max_ckpt_to_keep)
+  mngr = checkpoint_lib.checkpoint_manager(workdir, t.max_ckpt_to_keep)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  restored = restore_latest(mngr, abstract)
+  restored = checkpoint_lib.restore_latest(mngr, abstract)
   data_state = None
   if restored is not None:
     state, data_state, meta, step = restored
     print(f"resuming from checkpoint step {step} (epoch {meta.get('epoch')})", file=sys.stderr)
   elif t.finetuning_config.is_finetune_exp:
-    state = read_checkpoint_state(t.finetuning_config.checkpoint_path, abstract)
+    state = checkpoint_lib.read_state(t.finetuning_config.checkpoint_path, abstract)
     state = state.replace(step=jnp.asarray(t.finetuning_config.ckpt_epoch_num * s.steps_per_epoch,
                                            jnp.int32))
     print(f"fine-tuning from {t.finetuning_config.checkpoint_path} at epoch "
           f"{t.finetuning_config.ckpt_epoch_num}", file=sys.stderr)
   elif t.pretrained_weights:
-    tree = read_checkpoint_state(t.pretrained_weights)
-    params, rp = load_by_name(state.params, tree.get("params", {}))
-    stats, rs = load_by_name(state.batch_stats, tree.get("batch_stats", {}))
+    tree = checkpoint_lib.read_state(t.pretrained_weights)
+    params, rp = checkpoint_lib.load_by_name(state.params, tree.get("params", {}))
+    stats, rs = checkpoint_lib.load_by_name(state.batch_stats, tree.get("batch_stats", {}))
     if t.load_graph and (rp["missing"] or rp["shape_mismatch"] or rs["missing"]
                          or rs["shape_mismatch"]):
       bad = rp["missing"] + rp["shape_mismatch"] + rs["missing"] + rs["shape_mismatch"]
       raise TrainingError(f"{t.pretrained_weights}: the pruned weights do not fit the model "
-                          f"rebuilt from its model.json ({len(bad)} parameters, e.g. {bad[:2]})")
+                          f"rebuilt from its config.json ({len(bad)} parameters, e.g. {bad[:2]})")
     state = state.replace(params=jax.device_put(params, replicated),
                           batch_stats=jax.device_put(stats, replicated),
                           opt_state=jax.device_put(tx.init(params), replicated))
@@ -396,8 +279,7 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   ckpt_every = t.checkpoint_n_epoch * s.steps_per_epoch
   bar = None
   if main_process and progress:
-    from tqdm import tqdm
-    bar = tqdm(total=s.last_step, initial=start, unit="step", file=sys.stderr,
+    bar = tqdm.tqdm(total=s.last_step, initial=start, unit="step", file=sys.stderr,
                mininterval=max(0.1, t.log_every_n_secs), dynamic_ncols=True)
   last = {}
   window_start, window_steps = time.perf_counter(), 0
@@ -439,9 +321,10 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
         metrics_log.write(step, {"epoch": round(step / s.steps_per_epoch, 4),
                                  "val_loss": vloss})
       if is_ckpt:
-        save_checkpoint(mngr, state, _jsonable(data_state),
-                        {"epoch": step // s.steps_per_epoch, "steps_per_epoch": s.steps_per_epoch,
-                         "num_records": s.num_records})
+        checkpoint_lib.save_checkpoint(
+            mngr, state, _jsonable(data_state),
+            {"epoch": step // s.steps_per_epoch, "steps_per_epoch": s.steps_per_epoch,
+             "num_records": s.num_records}, cfg)
   finally:
     if bar is not None:
       bar.close()

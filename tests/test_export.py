@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
 
+from bpnet_jax.export import int8, runtimes  # noqa: E402
 from bpnet_jax.export import onnx_model as E  # noqa: E402
 from bpnet_jax import model as model_lib  # noqa: E402
 from bpnet_jax.inference import predictor  # noqa: E402
@@ -120,13 +121,13 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
   from conftest import write_config_file
   cfg = write_config_file(config, tmp_path / "cfg.py")
   out = tmp_path / "m.onnx"
-  assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 0
+  assert cli.main(["export", f"--workdir={workdir}", f"-o={out}"]) == 0
   assert "max |diff|" in capsys.readouterr().out
-  assert cli.main(["export", f"--config={cfg}", f"--workdir={workdir}", f"-o={out}"]) == 2
+  assert cli.main(["export", f"--workdir={workdir}", f"-o={out}"]) == 2
   assert "already exists" in capsys.readouterr().err
   image = np.random.default_rng(2).integers(0, 255, (90, 130, 3), np.uint8)
-  a = predictor.Predictor.from_path(config, workdir).maps(image)
-  b = predictor.Predictor.from_path(config, str(out)).maps(image)
+  a = predictor.Predictor.from_path(workdir).maps(image)
+  b = predictor.Predictor.from_path(str(out)).maps(image)     # OUT.config.json describes it
   np.testing.assert_allclose(a[0], b[0], atol=1e-4)
   np.testing.assert_allclose(a[1], b[1], atol=1e-4)
 
@@ -142,14 +143,14 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   for i in range(5):
     cv2.imwrite(str(images / f"{i}.jpg"), rng.integers(0, 255, (50 + 7 * i, 80, 3), np.uint8))
   (images / "notes.txt").write_text("not an image")
-  data = E.calibration_data(str(images), (64, 96), batches=2, batch_size=2)
+  data = int8.calibration_data(str(images), (64, 96), batches=2, batch_size=2)
   assert data.shape == (4, 64, 96, 3) and data.dtype == np.float32
   assert -0.5 <= data.min() and data.max() < 0.5
   with pytest.raises(E.ExportError, match="5 images, but --batches 3 x --batch_size 2 = 6"):
-    E.calibration_data(str(images), (64, 96), batches=3, batch_size=2)
+    int8.calibration_data(str(images), (64, 96), batches=3, batch_size=2)
   npy = str(tmp_path / "cal.npy")
-  same = E.load_or_make_calibration_data(npy, lambda: data)
-  again = E.load_or_make_calibration_data(npy, lambda: pytest.fail("the file is reused"))
+  same = int8.load_or_make_calibration_data(npy, lambda: data)
+  again = int8.load_or_make_calibration_data(npy, lambda: pytest.fail("the file is reused"))
   np.testing.assert_array_equal(same, again)
 
   cache = str(tmp_path / "cal.bin")
@@ -165,7 +166,7 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   assert lines[0].startswith("TRT-") and lines[0].endswith("-EntropyCalibration2")
   import re
   assert all(re.fullmatch(r"\S+: [0-9a-f]{8}", l) for l in lines[1:]) and len(lines) > 20
-  ranges = E.read_trt_cache(cache)
+  ranges = int8.read_trt_cache(cache)
   assert all(lo == -hi and hi > 0 for lo, hi in ranges.values())
   # The int8 model runs in ONNX Runtime and stays close to fp32 (maps with std 0.3).
   x = data[:1]
@@ -183,7 +184,7 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-6)
   (tmp_path / "bad.bin").write_text("not a cache\n")
   with pytest.raises(E.ExportError, match="not a TensorRT calibration cache"):
-    E.read_trt_cache(str(tmp_path / "bad.bin"))
+    int8.read_trt_cache(str(tmp_path / "bad.bin"))
   assert onnx.load(str(tmp_path / "m8.fp32.onnx")).graph.node
 
 
@@ -196,7 +197,7 @@ def test_engine_without_tensorrt_fails_clearly_after_the_onnx(tmp_path):
   c, m, v = tiny()
   E.export(c, v, str(tmp_path / "m.onnx"), input_dims=(64, 64))
   with pytest.raises(E.ExportError, match="needs TensorRT .* the ONNX export itself succeeded"):
-    E.build_engine(str(tmp_path / "m.onnx"), str(tmp_path / "m.engine"), "fp16", (64, 64))
+    runtimes.build_engine(str(tmp_path / "m.onnx"), str(tmp_path / "m.engine"), "fp16", (64, 64))
   assert (tmp_path / "m.onnx").exists() and not (tmp_path / "m.engine").exists()
 
 
@@ -205,8 +206,8 @@ def test_saved_model_round_trip(tmp_path):
                       "the SavedModel export is untested here")
   c, m, v = tiny()
   x = E.check_inputs((64, 96))
-  r = E.export_saved_model(m, v, str(tmp_path / "sm"), (64, 96), check=x)
+  r = runtimes.export_saved_model(m, v, str(tmp_path / "sm"), (64, 96), check=x)
   assert r["max_abs_diff"] < 1e-4 and (tmp_path / "sm" / "saved_model.pb").exists()
-  r = E.export_saved_model(m, v, str(tmp_path / "sm_dyn"), None, check=E.check_inputs(None),
+  r = runtimes.export_saved_model(m, v, str(tmp_path / "sm_dyn"), None, check=E.check_inputs(None),
                            overwrite=True)
   assert r["max_abs_diff"] < 1e-4

@@ -14,17 +14,21 @@ from test_skeleton import five_joint_json
 SK = load_skeleton()
 
 
-@pytest.mark.parametrize("cls, stages, attention, total, trainable, convs", [
-    (M.BpNetLiteModel, 3, False, 16_777_835, 16_772_459, 37),
-    (M.BpNetLiteModel, 6, False, 30_015_638, 30_010_262, 64),
-    (M.BpNetModel, 3, False, 25_965_035, 25_959_659, 50),
-    (M.BpNetModel, 6, False, 52_319_510, 52_314_134, 92),
+@pytest.mark.parametrize("downsampling", ["strided_conv", "max_pool"])
+@pytest.mark.parametrize("arch, stages, attention, total, trainable, convs", [
+    ("BpNetLiteModel", 3, False, 16_777_835, 16_772_459, 37),
+    ("BpNetLiteModel", 6, False, 30_015_638, 30_010_262, 64),
+    ("BpNetModel", 3, False, 25_965_035, 25_959_659, 50),
+    ("BpNetModel", 6, False, 52_319_510, 52_314_134, 92),
     # With attention gates: +147,584 per gate (model_train.md section 6).
-    (M.BpNetLiteModel, 3, True, 17_368_171, 17_362_795, 41),
-    (M.BpNetModel, 3, True, 26_555_371, 26_549_995, 54),
+    ("BpNetLiteModel", 3, True, 17_368_171, 17_362_795, 41),
+    ("BpNetModel", 3, True, 26_555_371, 26_549_995, 54),
 ])
-def test_reference_parameter_counts(cls, stages, attention, total, trainable, convs):
-  v = M.abstract_variables(cls(skeleton=SK, stages=stages, use_self_attention=attention))
+def test_reference_parameter_counts(arch, stages, attention, total, trainable, convs,
+                                    downsampling):
+  v = M.abstract_variables(M.BpNet(skeleton=SK, architecture=arch, stages=stages,
+                                   use_self_attention=attention,
+                                   backbone_downsampling=downsampling))
   c = M.count_params(v)
   assert (c["total"], c["trainable"], c["convs"]) == (total, trainable, convs)
   assert c["non_trainable"] == 5_376         # BN moving mean + variance
@@ -35,7 +39,7 @@ def _paths(tree):
 
 
 def test_parameter_names_are_stable():
-  v = M.abstract_variables(M.BpNetLiteModel(skeleton=SK, stages=3, use_self_attention=True))
+  v = M.abstract_variables(M.BpNet(architecture="BpNetLiteModel", skeleton=SK, stages=3, use_self_attention=True))
   names = _paths(v["params"])
   for expected in ["backbone/block_1a_conv_1/kernel", "backbone/block_4b_bn_1/scale",
                    "backbone/block_6a_conv_1/kernel", "channel_reduction_conv/kernel",
@@ -48,7 +52,7 @@ def test_parameter_names_are_stable():
   assert not any(n.startswith("stage3/paf_branch") for n in names)   # last stage: paf_out
   assert _paths(v["batch_stats"]) == {f"backbone/{b}_bn_1/{s}" for b, *_ in M.VGG_BACKBONE
                                       for s in ("mean", "var")}
-  full = _paths(M.abstract_variables(M.BpNetModel(skeleton=SK, stages=3))["params"])
+  full = _paths(M.abstract_variables(M.BpNet(architecture="BpNetModel", skeleton=SK, stages=3))["params"])
   assert {"stage2/paf_branch/conv5/kernel", "stage2/heat_branch/conv6/kernel",
           "stage2/paf_branch/out/kernel", "stage1/heat_branch/conv4/kernel",
           "paf_out/kernel"} <= full
@@ -145,7 +149,7 @@ def test_layer_width_overrides_rebuild_a_pruned_architecture():
 
 
 def test_param_table_lists_modules():
-  v = M.abstract_variables(M.BpNetLiteModel(skeleton=SK, stages=3))
+  v = M.abstract_variables(M.BpNet(architecture="BpNetLiteModel", skeleton=SK, stages=3))
   table = M.param_table(v)
   assert "backbone" in table and "16,777,835" in table.splitlines()[-1]
   assert "backbone/block_1a_conv_1" in M.param_table(v, depth=2)

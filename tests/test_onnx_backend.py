@@ -8,6 +8,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from bpnet_jax.errors import InferenceError  # noqa: E402
 from bpnet_jax.inference import predictor  # noqa: E402
 from configs import demo  # noqa: E402
 
@@ -49,7 +50,7 @@ def test_onnx_model_runs_with_onnxruntime(tmp_path):
   wh, wp = make_model(path)
   c = demo.get_config()
   c.inference.input_shape = (64, 96)
-  p = predictor.Predictor.from_path(c, str(path))
+  p = predictor.Predictor.from_path(str(path), c)
   image = np.random.default_rng(1).integers(0, 255, (101, 157, 3), np.uint8)
   heat, paf, g = p.maps(image)
   net_input, _ = p.prepare(image)[0]
@@ -68,7 +69,7 @@ def test_fixed_size_model_forces_padding_to_its_input(tmp_path, caplog):
   c.inference.input_shape = (128, 128)
   c.inference.multi_scale_inference = True
   with caplog.at_level("WARNING"):
-    p = predictor.Predictor.from_path(c, str(path))
+    p = predictor.Predictor.from_path(str(path), c)
   assert "fixed 64x64 input" in caplog.text
   assert p.input_shape == (64, 64) and p.mode == "pad_image_input" and p.scales == [1.0]
   heat, paf, g = p.maps(np.zeros((90, 160, 3), np.uint8))
@@ -78,11 +79,11 @@ def test_fixed_size_model_forces_padding_to_its_input(tmp_path, caplog):
 def test_onnx_model_for_another_skeleton_is_refused(tmp_path):
   path = tmp_path / "other.onnx"
   make_model(path, heat_channels=15, paf_channels=28)
-  with pytest.raises(predictor.InferenceError, match="15 heatmap and 28 PAF channels"):
-    predictor.Predictor.from_path(demo.get_config(), str(path))
+  with pytest.raises(InferenceError, match="15 heatmap and 28 PAF channels"):
+    predictor.Predictor.from_path(str(path), demo.get_config())
   (tmp_path / "junk.onnx").write_bytes(b"not onnx")
-  with pytest.raises(predictor.InferenceError, match="ONNX Runtime cannot load"):
-    predictor.Predictor.from_path(demo.get_config(), str(tmp_path / "junk.onnx"))
+  with pytest.raises(InferenceError, match="ONNX Runtime cannot load"):
+    predictor.Predictor.from_path(str(tmp_path / "junk.onnx"), demo.get_config())
 
 
 def test_engine_without_tensorrt_is_a_clear_error(tmp_path):
@@ -92,5 +93,5 @@ def test_engine_without_tensorrt_is_a_clear_error(tmp_path):
   except ImportError:
     pass
   (tmp_path / "m.engine").write_bytes(b"\0" * 16)
-  with pytest.raises(predictor.InferenceError, match="needs the 'tensorrt' package"):
-    predictor.Predictor.from_path(demo.get_config(), str(tmp_path / "m.engine"))
+  with pytest.raises(InferenceError, match="needs the 'tensorrt' package"):
+    predictor.Predictor.from_path(str(tmp_path / "m.engine"), demo.get_config())

@@ -18,7 +18,7 @@ SK = load_skeleton()
 
 def test_stagewise_multiplier_groups_of_the_default_model():
   # model_train.md section 9: Lite S=3 multiplier groups (sum = 16,772,459 trainable).
-  params = M.abstract_variables(M.BpNetLiteModel(skeleton=SK, stages=3))["params"]
+  params = M.abstract_variables(M.BpNet(architecture="BpNetLiteModel", skeleton=SK, stages=3))["params"]
   mults = O.lr_multipliers(params, use_stagewise=True)
   groups = collections.Counter()
   for m, p in zip(jax.tree_util.tree_leaves(mults), jax.tree_util.tree_leaves(params)):

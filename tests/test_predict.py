@@ -1,11 +1,16 @@
 """Predictor: preprocessing geometry of the three aspect modes, multi-scale merging, the
 network call (jitted once per shape), checkpoint/config mismatches."""
 
+import os
+
 import numpy as np
 import pytest
 
 from bpnet_jax import targets
-from bpnet_jax.inference import predictor
+from bpnet_jax import checkpoint
+from bpnet_jax import model as model_lib
+from bpnet_jax.errors import CheckpointError, InferenceError
+from bpnet_jax.inference import predictor, preprocess
 from bpnet_jax.skeleton import load_skeleton
 from configs import demo
 
@@ -26,7 +31,7 @@ def blob_image(h, w, x0, y0, sigma=4.0):
 def test_preprocess_geometry_maps_pixels_back(mode, size):
   h, w = size
   x0, y0 = 0.37 * w, 0.61 * h
-  image, g = predictor.preprocess(blob_image(h, w, x0, y0), (64, 96), mode)
+  image, g = preprocess.preprocess(blob_image(h, w, x0, y0), (64, 96), mode)
   assert image.shape[0] % 8 == 0 and image.shape[1] % 8 == 0 and image.dtype == np.uint8
   assert image.shape[:2] == g.padded
   if mode == "adjust_network_input":      # covers the target box, keeps the aspect ratio
@@ -96,8 +101,8 @@ def test_multi_scale_maps_are_resampled_onto_the_largest_scale(mode):
   geoms = [g for _, g in prepared]
   grids = [(g.padded[0] // 8, g.padded[1] // 8) for g in geoms]
   maps = [render(g.to_input(truth) , grid) for g, grid in zip(geoms, grids)]
-  params = predictor.merge_params(geoms, grids[-1], len(geoms) - 1)
-  merge = predictor.merge_maps_jit()
+  params = preprocess.merge_params(geoms, grids[-1], len(geoms) - 1)
+  merge = preprocess.merge_maps_jit()
   heat = np.asarray(merge(tuple(m[0] for m in maps), params, grids[-1]))
   paf = np.asarray(merge(tuple(m[1] for m in maps), params, grids[-1]))
   # The largest scale's own maps and the merged ones agree where people are.
@@ -196,17 +201,45 @@ def test_predict_iter_batches_keep_order_and_results(tmp_path):
       np.testing.assert_allclose(x["keypoints"], y["keypoints"], atol=1e-3)
 
 
-def test_checkpoint_config_mismatch_is_one_clear_error(trained_workdir):
+def test_saved_models_describe_themselves_and_configs_may_only_change_inference(
+    trained_workdir):
   config, workdir = trained_workdir
-  p = predictor.Predictor.from_path(config, workdir)
-  assert isinstance(p.predict(np.zeros((70, 90, 3), np.uint8)), list)
+  image = np.zeros((70, 90, 3), np.uint8)
+  # No config: the workdir, its checkpoints/ dir and a step dir all carry theirs.
+  step_dir = os.path.join(workdir, "checkpoints", sorted(os.listdir(
+      os.path.join(workdir, "checkpoints")))[-1])
+  for path in (workdir, os.path.join(workdir, "checkpoints"), step_dir):
+    p = predictor.Predictor.from_path(path)
+    assert isinstance(p.predict(image), list)
+    assert p.config.model.to_dict() == config.model.to_dict()
+  # A given config may change inference settings ...
+  changed = config.copy_and_resolve_references()
+  changed.inference.input_shape = (96, 96)
+  changed.trainer.num_epoch = 99             # (training keys are irrelevant here)
+  assert predictor.Predictor.from_path(workdir, changed).input_shape == (96, 96)
+  # ... but not the network: one line naming the key.
   wrong = config.copy_and_resolve_references()
   wrong.model.stages = 3
-  with pytest.raises(predictor.InferenceError, match="has 2 stages but the config's model has 3"):
-    predictor.Predictor.from_path(wrong, workdir)
+  with pytest.raises(CheckpointError, match=r"config.model.stages=3 but the model in .* has 2"):
+    predictor.Predictor.from_path(workdir, wrong)
   wrong = config.copy_and_resolve_references()
   wrong.model.width_multiplier = 0.25
-  with pytest.raises(predictor.InferenceError, match="does not fit the config's model"):
-    predictor.Predictor.from_path(wrong, workdir)
-  with pytest.raises(predictor.InferenceError, match="no such model"):
-    predictor.Predictor.from_path(config, workdir + "/nope")
+  with pytest.raises(CheckpointError, match="config.model.width_multiplier=0.25"):
+    predictor.Predictor.from_path(workdir, wrong)
+  with pytest.raises(InferenceError, match="no such model"):
+    predictor.Predictor.from_path(workdir + "/nope")
+
+
+def test_checkpoint_that_does_not_fit_its_model_is_one_clear_error(trained_workdir):
+  config, workdir = trained_workdir
+  saved = checkpoint.load_model(workdir)
+  wrong = config.copy_and_resolve_references()
+  wrong.model.stages = 3
+  expected = model_lib.abstract_variables(model_lib.build_model(wrong.model, saved.skeleton))
+  with pytest.raises(CheckpointError, match="has 2 stages but the config's model has 3"):
+    checkpoint.check_variables(workdir, expected, saved.variables)
+  wrong.model.stages = 2
+  wrong.model.width_multiplier = 0.25
+  expected = model_lib.abstract_variables(model_lib.build_model(wrong.model, saved.skeleton))
+  with pytest.raises(CheckpointError, match="does not fit the config's model"):
+    checkpoint.check_variables(workdir, expected, saved.variables)

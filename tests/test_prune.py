@@ -156,11 +156,11 @@ def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
   from conftest import write_config_file
   cfg_path = write_config_file(config, tmp_path / "cfg.py")
   out = tmp_path / "pruned"
-  args = ["prune", f"--config={cfg_path}", f"--workdir={workdir}", f"-o={out}", "-pth=0.8",
+  args = ["prune", f"--model={workdir}", f"-o={out}", "-pth=0.8",
           "-nf=4", "-pg=2", "-el", "backbone/block_1a_conv_1"]
   assert cli.main(args) == 0
   report = json.load(open(out / "prune_report.json"))
-  model = json.load(open(out / "model.json"))["model"]
+  model = json.load(open(out / "config.json"))["model"]      # the pruned dir describes itself
   assert report["options"]["excluded"] == ["backbone/block_1a_conv_1"]
   assert report["params"]["after"] < report["params"]["before"]
   assert report["flops"]["after"] < report["flops"]["before"]
@@ -169,7 +169,7 @@ def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
              if k in model["layer_widths"])
   assert "params" in capsys.readouterr().out
   # The pruned model is rebuilt from its directory: inference and parameter count.
-  p = predictor.Predictor.from_path(config, str(out))
+  p = predictor.Predictor.from_path(str(out))
   assert model_lib.count_params(p.backend.variables)["total"] == report["params"]["after"]
   assert isinstance(p.predict(np.zeros((64, 80, 3), np.uint8)), list)
   # Existing output is not replaced without --overwrite.
@@ -182,18 +182,28 @@ def test_prune_cli_report_and_retrain(trained_workdir, tmp_path, capsys):
   assert r["step"] == r["last_step"] and np.isfinite(r["metrics"]["loss"])
   saved = json.load(open(tmp_path / "retrain" / "config.json"))
   assert saved["model"]["layer_widths"] == model["layer_widths"]
-  q = predictor.Predictor.from_path(rc, str(tmp_path / "retrain"))
+  q = predictor.Predictor.from_path(str(tmp_path / "retrain"))
   assert model_lib.count_params(q.backend.variables)["total"] == report["params"]["after"]
-  # A checkpoint that does not fit the config fails in one line.
+  # A config that describes another network fails in one line naming the key.
   assert cli.main(["prune", f"--config={cfg_path}", "--config.model.stages=3",
                    f"--workdir={workdir}", f"-o={tmp_path / 'p2'}"]) == 2
-  assert "has 2 stages but the config's model has 3" in capsys.readouterr().err
+  assert "config.model.stages=3 but the model in" in capsys.readouterr().err
+  # Out-of-range thresholds are refused before anything is read or written.
+  for bad in ("2", "-1", "nan"):
+    assert cli.main(["prune", f"--model={workdir}", f"-o={tmp_path / 'p3'}", f"-pth={bad}"]) == 2
+    assert "expected a number in [0, 1]" in capsys.readouterr().err
+  assert not (tmp_path / "p3").exists()
 
 
-def test_load_graph_needs_a_pruned_model(trained_workdir, tmp_path):
+def test_load_graph_needs_a_saved_model_of_the_same_architecture(trained_workdir, tmp_path):
   from bpnet_jax import train
+  from bpnet_jax.errors import CheckpointError
   config, workdir = trained_workdir
   rc = config.copy_and_resolve_references()
-  rc.trainer.pretrained_weights, rc.trainer.load_graph = workdir, True
-  with pytest.raises(train.TrainingError, match="needs trainer.pretrained_weights to be a pruned"):
+  rc.trainer.pretrained_weights, rc.trainer.load_graph = str(tmp_path), True
+  with pytest.raises(CheckpointError, match="no checkpoint found"):
+    train.train(rc, str(tmp_path / "x"), progress=False)
+  rc.trainer.pretrained_weights = workdir
+  rc.model.stages = 3
+  with pytest.raises(CheckpointError, match="the saved model has config.model.stages=2"):
     train.train(rc, str(tmp_path / "x"), progress=False)

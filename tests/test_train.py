@@ -171,7 +171,7 @@ def _run_main(workdir, synth, extra=()):
 
 
 def _final_params(workdir):
-  tree = train.read_checkpoint_state(workdir)
+  tree = checkpoint.read_state(workdir)
   return {train.model_lib.path_str(p): np.asarray(v) for p, v in
           jax.tree_util.tree_flatten_with_path({"p": tree["params"], "b": tree["batch_stats"],
                                                 "o": tree["opt_state"]})[0]}

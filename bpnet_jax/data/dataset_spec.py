@@ -23,10 +23,11 @@ import json
 import os
 
 from bpnet_jax.data.records import VISIBILITY_NAMES
+from bpnet_jax.errors import DataError
+
+SpecError = DataError   # the name this module's callers use
 
 
-class SpecError(ValueError):
-  """A dataset spec (or the annotation file it names) that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,12 @@ import os
 from typing import Mapping
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from bpnet_jax import fileio
+from bpnet_jax.inference import detections
+from bpnet_jax.inference.preprocess import read_image
 
 from bpnet_jax.skeleton import Skeleton
 
@@ -55,8 +61,6 @@ def coco_eval(gt, results: list[dict], verbose: bool = True) -> dict:
 
   Returns {metric: value} for METRICS; prints pycocotools' table when verbose.
   """
-  from pycocotools.coco import COCO
-  from pycocotools.cocoeval import COCOeval
   if not results:
     if verbose:
       print("no detections: every metric is 0")
@@ -78,14 +82,7 @@ def coco_eval(gt, results: list[dict], verbose: bool = True) -> dict:
 
 def write_results(results_dir: str, metrics: dict, results: list[dict]) -> None:
   """metrics.json, detections_coco.json and results.csv, each written atomically."""
-  os.makedirs(results_dir, exist_ok=True)
-
-  def put(name, text):
-    path = os.path.join(results_dir, name)
-    with open(path + ".tmp", "w") as f:
-      f.write(text)
-    os.replace(path + ".tmp", path)
-
+  put = lambda name, text: fileio.write_text(os.path.join(results_dir, name), text)
   put("detections_coco.json", json.dumps(results))
   put("metrics.json", json.dumps(metrics, indent=1) + "\n")
   rows = ["metric,IoU,area,maxDets,score"]
@@ -101,15 +98,13 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   Unreadable images are skipped and counted (their people count as missed). Returns
   {"metrics", "images", "skipped", "people"}.
   """
-  from pycocotools.coco import COCO
-  from bpnet_jax.inference.detections import _progress
   with contextlib.redirect_stdout(io.StringIO()):
     gt = COCO(annotations)
   ids = sorted(gt.getImgIds())
   paths = {i: os.path.join(images_dir, gt.imgs[i]["file_name"]) for i in ids}
   people_by_image, skipped = {}, []
-  bar = _progress(len(ids), progress)
-  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: _load(paths[i]),
+  bar = detections.progress_bar(len(ids), progress)
+  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: read_image(paths[i]),
                                                          batch_size=batch_size):
     bar.update(1)
     if err is not None:
@@ -123,8 +118,3 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   write_results(results_dir, metrics, results)
   return {"metrics": metrics, "images": len(people_by_image), "skipped": skipped,
           "people": len(results)}
-
-
-def _load(path):
-  from bpnet_jax.inference.predictor import read_image
-  return read_image(path)

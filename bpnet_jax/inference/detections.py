@@ -18,9 +18,12 @@ import os
 from typing import Sequence
 
 import cv2
+import tqdm
 
-from bpnet_jax.inference.predictor import (IMAGE_EXTENSIONS, InferenceError, Predictor, people_to_json,
-                               read_image)
+from bpnet_jax import fileio
+from bpnet_jax.errors import InferenceError
+from bpnet_jax.inference.predictor import Predictor, people_to_json
+from bpnet_jax.inference.preprocess import IMAGE_EXTENSIONS, read_image
 from bpnet_jax.inference.visualize import draw_people
 
 FORMAT = "bpnet_jax.detection/1"
@@ -65,19 +68,9 @@ def list_inputs(input_type: str, path: str, image_root: str | None = None) -> li
   raise InferenceError(f"--input_type {input_type!r}: expected image, dir or json")
 
 
-def _write_json_atomic(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
-
-
 def check_outputs(results_dir: str, names: Sequence[str], overwrite: bool) -> None:
   """FileExistsError if any output exists and may not be replaced."""
-  for n in names:
-    p = os.path.join(results_dir, n)
-    if os.path.exists(p) and not (os.path.isdir(p) and not os.listdir(p)) and not overwrite:
-      raise FileExistsError(f"{p} already exists (pass --overwrite to replace it)")
+  fileio.check_can_write([os.path.join(results_dir, n) for n in names], overwrite)
 
 
 def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
@@ -101,7 +94,7 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
     shapes[path] = image
     return image
 
-  bar = _progress(len(paths), progress)
+  bar = progress_bar(len(paths), progress)
   for path, people, err in predictor.predict_iter(paths, load=load, batch_size=batch_size):
     bar.update(1)
     if err is not None:
@@ -118,9 +111,7 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
       drawn = draw_people(image, people, predictor.skeleton)
       out = os.path.join(viz_dir, name + ".png")
       ok, buf = cv2.imencode(".png", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
-      with open(out + ".tmp", "wb") as f:
-        f.write(buf.tobytes())
-      os.replace(out + ".tmp", out)
+      fileio.write_bytes(out, buf.tobytes())
       entry["visualization"] = os.path.join("images_annotated", name + ".png")
     images.append(entry)
   bar.close()
@@ -130,10 +121,10 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
       "counts": {"images": len(images), "skipped": len(skipped),
                  "people": sum(len(e["people"]) for e in images)},
   }
-  _write_json_atomic(os.path.join(results_dir, "detection.json"), result)
+  fileio.write_json(os.path.join(results_dir, "detection.json"), result)
   return result
 
 
-def _progress(total: int, enabled: bool):
-  import tqdm
+def progress_bar(total: int, enabled: bool):
+  """A tqdm bar over images (a silent one when not enabled)."""
   return tqdm.tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
