@@ -70,7 +70,8 @@ def synthetic_records(tmp: str, num_images: int, width: int = 640, height: int =
 def point_config_at_records(config, recs: dict):
   """The config reading the records of `synthetic_records` (no validation)."""
   from bpnet_jax.data import synthetic_dataset
-  config = synthetic_dataset.point_config(config, recs, validation=False)
+  folder = dict(recs, records=os.path.dirname(recs["records"]))
+  config = synthetic_dataset.point_config(config, folder, validation=False)
   config.trainer.validation_every_n_epoch = 0
   return config
 
@@ -78,6 +79,7 @@ def point_config_at_records(config, recs: dict):
 def decoder_and_source(config, recs: dict):
   """(the config's host decoder, a random-access source of the records)."""
   from array_record.python import array_record_data_source
+
   from bpnet_jax import skeleton as skeleton_lib
   from bpnet_jax.data import input_pipeline
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
@@ -97,6 +99,7 @@ def decode_rate(dec, src, count: int) -> float:
 def host_batch(config, recs: dict, batch_size: int) -> dict:
   """A host batch of `batch_size` decoded samples (the records repeated as needed)."""
   import numpy as np
+
   from bpnet_jax import augment
   dec, src = decoder_and_source(config, recs)
   samples = [dec(src[i % len(src)]) for i in range(batch_size)]
@@ -109,9 +112,12 @@ class DeviceTrainStep:
 
   def __init__(self, config, steps_per_epoch: int = 1000):
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from bpnet_jax import model as model_lib, optimizer, schedules, skeleton as skeleton_lib
-    from bpnet_jax import train
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bpnet_jax import model as model_lib
+    from bpnet_jax import optimizer, schedules, train
+    from bpnet_jax import skeleton as skeleton_lib
     self.config = c = config
     if c.dataloader.batch_size % jax.device_count():
       sys.exit(f"global batch {c.dataloader.batch_size} is not divisible by the "
@@ -173,7 +179,9 @@ class DeviceTrainStep:
 
 def forward_flops(config) -> float:
   """XLA-counted FLOPs of one forward pass of one image at the training input size."""
-  from bpnet_jax import model as model_lib, prune, skeleton as skeleton_lib
+  from bpnet_jax import model as model_lib
+  from bpnet_jax import prune
+  from bpnet_jax import skeleton as skeleton_lib
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
   m = model_lib.build_model(config.model, sk)
   h, w = config.dataloader.image_config.height, config.dataloader.image_config.width

@@ -100,6 +100,7 @@ def make_renderer(skeleton, grid, max_people, sigma, ortho):
   the grid size, so each image's maps are the top-left crop of the full-grid ones."""
   import jax
   import numpy as np
+
   from bpnet_jax import targets
 
   @jax.jit
@@ -208,8 +209,9 @@ def main():
   import cv2
   import numpy as np
   from pycocotools.coco import COCO
-  from bpnet_jax.skeleton import load_skeleton
+
   from benchmarks.reference_decoder import decode_reference
+  from bpnet_jax.skeleton import load_skeleton
   cv2.setNumThreads(a.threads)
 
   fast = None

@@ -65,7 +65,9 @@ def main():
                      "dataloader.max_image_size=(120,160)"]
 
   import tempfile
+
   import jax
+
   from bpnet_jax import train
   from bpnet_jax.data import input_pipeline
   config = _common.load_config(a.config, a.set)

@@ -31,9 +31,11 @@ def main():
     a.config, a.height, a.width, a.repeats, a.cal_images = "demo", 64, 64, 2, 2
 
   import importlib
+
   import jax
   import numpy as np
   import onnxruntime as ort
+
   from bpnet_jax import model as model_lib
   from bpnet_jax.export import onnx_model
   from bpnet_jax.skeleton import load_skeleton

@@ -14,8 +14,9 @@ synchronous calls; `images/s` is batch x --repeats / the time of --repeats back-
 End to end (--e2e_size, --e2e_batches images per network call, as `bpnet inference
 --batch_size`): `Predictor.predict_iter` over the real photos in tests/data/coco_mini (JPEG
 decode and resize/pad on --e2e_workers host threads, network, peak search and limb assembly on
-as many decode threads), images/s over the whole folder after one warm-up pass. With random weights the decoder finds few peaks, so its share is small; pass
---model for a trained model's figure.
+as many decode threads), images/s over the whole folder after one warm-up pass. With random
+weights the decoder finds few peaks, so its share is small; pass --model for a trained
+model's figure.
 
 ONNX models are exported with `bpnet_jax.export` (each export checks parity against JAX; int8
 is calibrated on random inputs, which is fine for timing). TensorRT engines are built when the
@@ -54,7 +55,9 @@ def jax_forward(config, variables, dtype: str):
   """jit(normalised (B, H, W, 3) float32 -> last-stage (heat, paf) float32) for a compute dtype."""
   import jax
   import jax.numpy as jnp
-  from bpnet_jax import model as model_lib, skeleton as skeleton_lib
+
+  from bpnet_jax import model as model_lib
+  from bpnet_jax import skeleton as skeleton_lib
   sk = skeleton_lib.load_skeleton(config.dataloader.pose_config.pose_config_path)
   model = model_lib.build_model(config.model, sk, dtype)
 
@@ -119,11 +122,14 @@ def main():
     sys.exit(f"inference benchmark: unknown backends {sorted(unknown)}; choose from {BACKENDS}")
 
   import tempfile
+
   import jax
   import numpy as np
-  from bpnet_jax import model as model_lib
+
   from bpnet_jax import checkpoint
-  from bpnet_jax.inference import backends as backends_lib, predictor, preprocess
+  from bpnet_jax import model as model_lib
+  from bpnet_jax.inference import backends as backends_lib
+  from bpnet_jax.inference import predictor, preprocess
   config = _common.load_config(a.config, a.set)
   if a.model:
     saved = checkpoint.load_model(a.model, config)
@@ -183,6 +189,7 @@ def main():
               row["where"] = provider
             else:
               import tensorrt
+
               from bpnet_jax.export import runtimes
               from bpnet_jax.skeleton import skeleton_from_config
               kind = backend.split("-")[1]
@@ -216,7 +223,7 @@ def main():
         elif backend == "ort-fp32":
           pred = predictor.Predictor.from_path(onnx_path("fp32", None), c)
         else:
-          sys.exit(f"inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
+          sys.exit("inference benchmark: --e2e_backends supports jax-fp32, jax-bf16, ort-fp32")
         for b in (int(v) for v in a.e2e_batches.split(",")):
           # Warm-up: compiles every batch size a pass can produce (full batches and the rest).
           list(pred.predict_iter(files, workers=a.e2e_workers, batch_size=b))

@@ -31,10 +31,12 @@ def main():
   p.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
   a = p.parse_args()
   if a.smoke:
-    a.num_images, a.width, a.height, a.input, a.batch, a.workers, a.repeats = 8, 160, 120, 64, 4, 1, 1
+    a.num_images, a.width, a.height, a.input = 8, 160, 120, 64
+    a.batch, a.workers, a.repeats = 4, 1, 1
 
   import jax
   import numpy as np
+
   from bpnet_jax import augment
   from bpnet_jax.data import input_pipeline as ip
   from bpnet_jax.skeleton import load_skeleton

@@ -1,12 +1,12 @@
 """Original-style BodyPoseNet post-processor, for comparison only.
 
 A deliberately straightforward (Python-loop) re-statement of the NVIDIA TAO BodyPoseNet
-post-processor on its Keras path, written from the fact sheet
-`shared/reference/infer_prune_export.md` (sections 1.5 and 2). It is the slow baseline that
+post-processor on its Keras path, written from a description of the original's steps
+(numbered below as in that description). It is the slow baseline that
 `benchmarks/decode.py` times `bpnet_jax.decode` against, and a cross-check for tests; it is
 not part of the library and not tuned for speed.
 
-Steps (fact sheet section in brackets):
+Steps (the original's section numbers in brackets):
   upsample both maps x`upsample` with cubic cv2.resize [1.5], drop the background channel,
   smooth with the fixed 5x5 kernel (zero padding), 3x3 max-pool NMS by exact equality, threshold
   the raw value [2.1a], gather peaks in channel order [2.2], score limb candidates with a

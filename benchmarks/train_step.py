@@ -50,6 +50,7 @@ def main():
                      "dataloader.pose_config.target_shape=(8,8)"]
 
   import tempfile
+
   import jax
   config = _common.load_config(a.config, a.set)
   fwd = _common.forward_flops(config)

@@ -17,13 +17,20 @@ Nothing here imports TensorFlow or GPU-only packages.
 """
 
 from bpnet_jax.checkpoint import SavedModel, load_model
-from bpnet_jax.config import default_config, validate as validate_config
+from bpnet_jax.config import default_config
+from bpnet_jax.config import validate as validate_config
 from bpnet_jax.errors import ConfigError, Error
 from bpnet_jax.inference.postprocess import decode
 from bpnet_jax.inference.predictor import Predictor
 from bpnet_jax.losses import pose_loss, regularization, stage_losses
-from bpnet_jax.model import (BpNet, build_model, count_params, init_variables, layer_spec,
-                             param_table)
+from bpnet_jax.model import (
+                             BpNet,
+                             build_model,
+                             count_params,
+                             init_variables,
+                             layer_spec,
+                             param_table,
+)
 from bpnet_jax.optimizer import build_optimizer, lr_multipliers, optimizer_from_config
 from bpnet_jax.schedules import exponential_decay, soft_start_annealing
 from bpnet_jax.skeleton import Skeleton, load_skeleton, skeleton_from_config

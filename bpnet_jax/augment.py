@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpnet_jax import targets as targets_lib
 from bpnet_jax.data.records import LABELED_BELOW
 from bpnet_jax.skeleton import Skeleton
-from bpnet_jax import targets as targets_lib
 
 IMAGE_FILL = 127.0     # outside the source image (the original's value)
 MASK_FILL = 255.0      # outside the source image counts as valid
@@ -231,9 +231,11 @@ def preprocess_sample(key, sample: dict, aug: AugParams, lab: LabelParams, skele
   """One host sample -> network input, labels and loss mask.
 
   sample: image (Hc, Wc, 3) uint8, mask (Hc, Wc) uint8, size (2,) int (valid h, w),
-  joints (P, J, 2), visibility (P, J), centers (P, 2), scales (P,), num_people ().
+  joints (P, J, 2), visibility (P, J), centers (P, 2), scales (P,), num_people (), and
+  optionally valid () uint8/bool: 0 for a sample the host could not read, whose loss mask is
+  then all zeros (the warp's MASK_FILL would otherwise count its surroundings as "no person").
   Returns image (H, W, 3) float32 normalised, labels (h, w, C), mask (h, w, 1), and the
-  transformed joints / valid flags (for tests and visualisation).
+  transformed joints / valid flags (P, J) per joint (for tests and visualisation).
   """
   size = sample["size"]
   d = draw(key, aug, size) if draws is None else draws
@@ -246,14 +248,24 @@ def preprocess_sample(key, sample: dict, aug: AugParams, lab: LabelParams, skele
   valid = (vis < LABELED_BELOW) & real[:, None]
   labels = targets_lib.make_labels(joints, valid, skeleton, lab.target_hw, lab.stride, lab.sigma,
                                    lab.ortho_dist_thresh)
-  mask = mask / lab.mask_scale - lab.mask_offset
+  mask = targets_lib.downsample_mask(mask / lab.mask_scale - lab.mask_offset, lab.stride)
+  if "valid" in sample:
+    # Exactly 0 (not a scaled value), so each loss term of an ignored sample is exactly 0.
+    mask = jnp.where(jnp.asarray(sample["valid"]) > 0, mask, jnp.zeros_like(mask))
   image = image / jnp.asarray(lab.image_scale) - jnp.asarray(lab.image_offset)
-  return dict(image=image, labels=labels, mask=targets_lib.downsample_mask(mask, lab.stride),
-              joints=joints, valid=valid, matrix=m)
+  return dict(image=image, labels=labels, mask=mask, joints=joints, valid=valid, matrix=m)
 
 
+# The host batch's keys the device step reads (see `preprocess_sample`). OPTIONAL_FIELDS may be
+# absent (hand-made batches): a missing "valid" means every sample was read.
 SAMPLE_FIELDS = ("image", "mask", "size", "joints", "visibility", "centers", "scales",
-                 "num_people")
+                 "num_people", "valid")
+OPTIONAL_FIELDS = ("valid",)
+
+
+def sample_fields(batch: dict) -> dict:
+  """The SAMPLE_FIELDS of a host batch (KeyError for a missing required one)."""
+  return {k: batch[k] for k in SAMPLE_FIELDS if k in batch or k not in OPTIONAL_FIELDS}
 
 
 def preprocess_batch(key, batch: dict, aug: AugParams, lab: LabelParams, skeleton: Skeleton,
@@ -267,7 +279,7 @@ def preprocess_batch(key, batch: dict, aug: AugParams, lab: LabelParams, skeleto
                             draws=None if augment else identity_draw())
     return {name: out[name] for name in ("image", "labels", "mask")}
   keys = jax.random.split(key, batch["image"].shape[0])
-  return jax.vmap(one)(keys, {k: batch[k] for k in SAMPLE_FIELDS})
+  return jax.vmap(one)(keys, sample_fields(batch))
 
 
 def make_device_preprocess(aug: AugParams, lab: LabelParams, skeleton: Skeleton,

@@ -22,6 +22,7 @@ saved model is a one-line CheckpointError naming the key.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -63,30 +64,110 @@ def checkpoint_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, state, data_state, meta: dict, config) -> None:
-  """Saves a step (asynchronously; `mngr.wait_until_finished()` completes it)."""
-  mngr.save(int(state.step), args=ocp.args.Composite(
+  """Saves a step and, once it is complete, its integrity manifest."""
+  step = int(state.step)
+  mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}),
       meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(json.loads(
           config_lib.to_json(config)))))
+  mngr.wait_until_finished()
+  step_dir = os.path.join(mngr.directory, str(step))
+  if os.path.isdir(step_dir):
+    write_manifest(step_dir)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
-  """(state, data_state, meta, step) from the newest readable checkpoint, or None.
+def restore_latest(workdir: str, max_to_keep: int, abstract_state):
+  """(manager, (state, data_state, meta, step) or None): the newest usable checkpoint.
 
-  A checkpoint that fails to restore (partially written, files missing or corrupt) is skipped
-  with a warning and the one before it is tried.
+  A checkpoint that fails its integrity check or cannot be restored (partially written, files
+  missing or corrupt) is moved aside to workdir/corrupt_checkpoints/<step> with a warning
+  naming it, and the one before it is tried; so a retrained step can be saved again.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Any failure means this checkpoint is unusable; try older ones.
-      log.warning("checkpoint at step %d is unreadable (%s: %s); trying an older one", step,
-                  type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-      continue
-    return restored["state"], (restored["data"] or None), restored["meta"], step
+  while True:
+    mngr = checkpoint_manager(workdir, max_to_keep)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
+      return mngr, None
+    step = steps[0]
+    step_dir = os.path.join(mngr.directory, str(step))
+    problem = verify_manifest(step_dir)
+    if problem is None:
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # Any failure means this checkpoint is unusable.
+        problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if problem is None:
+      if not os.path.exists(os.path.join(step_dir, MANIFEST)):
+        write_manifest(step_dir)          # restored fine: vouch for it from now on
+      return mngr, (restored["state"], restored["data"] or None, restored["meta"], step)
+    mngr.close()
+    quarantine(workdir, step, problem)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integrity: a manifest of every file's size and hash, written after a save completes.
+
+MANIFEST = "integrity.json"
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_manifest(step_dir: str) -> None:
+  """step_dir/integrity.json: {relative path: {size, sha256}} of every file in the step."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel != MANIFEST:
+        files[rel] = {"size": os.path.getsize(path), "sha256": _sha256(path)}
+  fileio.write_json(os.path.join(step_dir, MANIFEST),
+                    {"format": "bpnet_jax.integrity/1", "files": files})
+
+
+def verify_manifest(step_dir: str) -> str | None:
+  """None if step_dir matches its manifest (or has none yet), else what is wrong."""
+  path = os.path.join(step_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    return f"unreadable {MANIFEST} ({e})"
+  for rel, want in sorted(files.items()):
+    full = os.path.join(step_dir, rel)
+    if not os.path.isfile(full):
+      return f"{rel} is missing"
+    size = os.path.getsize(full)
+    if size != want["size"]:
+      return f"{rel} has {size} bytes, expected {want['size']}"
+    if _sha256(full) != want["sha256"]:
+      return f"{rel} does not match its recorded hash"
   return None
+
+
+def quarantine(workdir: str, step: int, reason: str) -> str:
+  """Moves checkpoints/<step> to corrupt_checkpoints/<step>[.N]; returns the new path."""
+  src = os.path.join(os.path.abspath(workdir), "checkpoints", str(step))
+  dst = os.path.join(os.path.abspath(workdir), CORRUPT_DIR, str(step))
+  n = 1
+  while os.path.exists(dst):
+    dst = os.path.join(os.path.abspath(workdir), CORRUPT_DIR, f"{step}.{n}")
+    n += 1
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  os.replace(src, dst)
+  log.warning("checkpoint at step %d is unusable (%s); moved to %s", step, reason, dst)
+  return dst
 
 
 # ----------------------------------------------------------------------------------------------

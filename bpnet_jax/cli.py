@@ -13,9 +13,12 @@ User errors (a bad flag, config, file or model; every `bpnet_jax.errors.Error`) 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import glob
 import logging
 import os
+import shutil
 import sys
 
 import jax
@@ -30,7 +33,7 @@ from bpnet_jax.data import convert, dataset_spec, synthetic
 from bpnet_jax.errors import Error
 from bpnet_jax.export import task as export_task
 from bpnet_jax.inference import coco_eval, detections
-from bpnet_jax.inference.predictor import Predictor
+from bpnet_jax.inference.predictor import EXPORTED_SUFFIXES, Predictor, exported_model_config
 from bpnet_jax.skeleton import load_skeleton, skeleton_from_config
 
 
@@ -38,7 +41,30 @@ class UserError(Error):
   """A bad command-line flag."""
 
 
-USER_ERRORS = (Error, FileExistsError, FileNotFoundError)
+def _os_error_line(e: OSError) -> str:
+  """'PATH: reason' for a failed read or write (permission, full disk, read-only, missing)."""
+  where = e.filename if e.filename is not None else ""
+  reason = e.strerror or str(e)
+  if e.errno == errno.ENOSPC:
+    reason += " (free some space, then rerun: finished outputs are kept)"
+  return f"{where}: {reason}" if where else reason
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: str | None, keep_if=lambda path: False):
+  """Removes `path` if the block fails and this command created it (unless keep_if(path))."""
+  existed = path is None or os.path.lexists(path)
+  try:
+    yield
+  except BaseException:
+    if not existed and os.path.isdir(path) and not keep_if(path):
+      shutil.rmtree(path, ignore_errors=True)
+    raise
+
+
+def _has_checkpoints(workdir: str) -> bool:
+  ckpts = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,7 +96,8 @@ def _given_config(path, overrides, saved_from: str | None = None):
   if path is not None:
     return config_lib.validate(config_lib.load_config_file(path, overrides))
   if overrides and saved_from:
-    config = checkpoint_lib.saved_config(saved_from)
+    config = (exported_model_config(saved_from) if saved_from.endswith(EXPORTED_SUFFIXES)
+              else checkpoint_lib.saved_config(saved_from))
     for item in overrides:
       config_lib.apply_override(config, item)
     return config_lib.validate(config)
@@ -104,8 +131,8 @@ def cmd_summary(argv):
   a = p.parse(rest)
   if path is None and a.model is None:
     raise UserError("--config=FILE or --model=DIR is required")
-  config = (checkpoint_lib.saved_config(a.model) if path is None
-            else config_lib.validate(config_lib.load_config_file(path, overrides)))
+  config = (_given_config(None, overrides, a.model) or checkpoint_lib.saved_config(a.model)
+            if path is None else config_lib.validate(config_lib.load_config_file(path, overrides)))
   sk = skeleton_from_config(config)
   h, w = config.dataloader.image_config.height, config.dataloader.image_config.width
   variables = model_lib.abstract_variables(model_lib.build_model(config.model, sk), h, w)
@@ -139,7 +166,9 @@ def cmd_train(argv):
   config_lib.validate(config)
   if a.multihost:
     jax.distributed.initialize()
-  out = train_lib.train(config, a.workdir, progress=not a.no_progress)
+  # A run that fails before its first checkpoint leaves no workdir behind (if it made it).
+  with _removed_on_failure(a.workdir, keep_if=_has_checkpoints):
+    out = train_lib.train(config, a.workdir, progress=not a.no_progress)
   m = out["metrics"]
   print(f"trained to step {out['step']}/{out['last_step']}"
         + (f", loss {m['loss']:.5g}" if m else "") + f"; outputs in {a.workdir}")
@@ -197,6 +226,9 @@ def cmd_make_synthetic(argv):
   p.add_argument("--style", default="default", choices=sorted(synthetic.STYLES),
                  help="'demo': fewer, larger, part-coloured people on plain backgrounds")
   a = p.parse(argv)
+  _positive(p, "num_images")
+  if a.width < 16 or a.height < 16:
+    raise UserError(f"--width/--height {a.width}x{a.height}: expected at least 16x16")
   if not 0 <= a.test_fraction < 1:
     raise UserError(f"--test_fraction must be in [0, 1), got {a.test_fraction}")
   try:
@@ -247,9 +279,7 @@ def _predictor(command, argv, extra):
   a = p.parse(rest)
   _positive(p, "batch_size")
   model_path = _model_path(a)
-  exported = model_path.endswith((".onnx", ".engine", ".trt", ".plan"))
-  config = _given_config(path, overrides, None if exported else model_path)
-  return a, Predictor.from_path(model_path, config)
+  return a, Predictor.from_path(model_path, _given_config(path, overrides, model_path))
 
 
 def cmd_inference(argv):
@@ -264,8 +294,9 @@ def cmd_inference(argv):
   paths = detections.list_inputs(a.input_type, a.input, a.image_root_path)
   if not paths:
     raise UserError(f"--input {a.input}: no images found")
-  r = detections.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
-                     progress=not a.no_progress, batch_size=a.batch_size)
+  with _removed_on_failure(a.results_dir):
+    r = detections.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
+                       progress=not a.no_progress, batch_size=a.batch_size)
   c = r["counts"]
   print(f"{c['people']} people in {c['images']} images ({c['skipped']} skipped) -> "
         f"{os.path.join(a.results_dir, 'detection.json')}")
@@ -282,8 +313,10 @@ def cmd_evaluate(argv):
                     "evaluation needs one")
   detections.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
                                            "results.csv"), a.overwrite)
-  r = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir, a.results_dir,
-                                 progress=not a.no_progress, batch_size=a.batch_size)
+  with _removed_on_failure(a.results_dir):
+    r = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir,
+                                   a.results_dir, progress=not a.no_progress,
+                                   batch_size=a.batch_size)
   m = r["metrics"]
   print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AR {m['AR']:.4f}  on {r['images']} images "
         f"({len(r['skipped'])} skipped, {r['people']} people) -> "
@@ -413,9 +446,16 @@ def main(argv=None, prog: str = "bpnet"):
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   try:
     COMMANDS[name](rest)
-  except USER_ERRORS as e:
+  except (Error, FileExistsError) as e:
     print(f"{prog} {name}: error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:           # unreadable inputs, read-only outputs, a full disk
+    print(f"{prog} {name}: error: {_os_error_line(e)}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog} {name}: interrupted (finished outputs and checkpoints are kept; rerun to "
+          "resume)", file=sys.stderr)
+    return 130
   return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import json
 import numbers
 import os
 import sys
@@ -21,13 +20,19 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from bpnet_jax.model import (ARCHITECTURES, DOWNSAMPLINGS, KERNEL_INITIALIZERS, OUTPUT_STRIDE,
-                             PADDINGS)
+from bpnet_jax import fileio
+from bpnet_jax.errors import ConfigError
 from bpnet_jax.losses import REGULARIZATION_TYPES
+from bpnet_jax.model import (
+  ARCHITECTURES,
+  DOWNSAMPLINGS,
+  KERNEL_INITIALIZERS,
+  OUTPUT_STRIDE,
+  PADDINGS,
+)
 from bpnet_jax.optimizer import OPTIMIZERS
 from bpnet_jax.schedules import SCHEDULES
 from bpnet_jax.skeleton import SkeletonError, skeleton_from_config
-from bpnet_jax.errors import ConfigError
 
 AUGMENTATION_MODES = ("person_centric", "standard", "standard_with_fixed_aspect_ratio")
 ASPECT_RATIO_MODES = ("pad_image_input", "adjust_network_input", "None")
@@ -476,7 +481,8 @@ def apply_override(config, item: str) -> None:
     if part not in node:
       raise ConfigError(f"override config.{key}: unknown key {part!r}")
     node = node[part]
-  if parts[-1] not in node:
+  # Free-form mappings (dataset specs, layer widths, ...) take new keys; sections do not.
+  if parts[-1] not in node and ".".join(parts[:-1]) not in FREE_FORM:
     raise ConfigError(f"override config.{key}: unknown key {parts[-1]!r}")
   try:
     node[parts[-1]] = value
@@ -511,13 +517,7 @@ def from_dict(data: dict, where: str = "config") -> ml_collections.ConfigDict:
 
 def read_json(path: str) -> ml_collections.ConfigDict:
   """A config saved as JSON (a model directory's config.json), as a ConfigDict."""
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise ConfigError(f"{path}: no such config file") from None
-  except (OSError, json.JSONDecodeError) as e:
-    raise ConfigError(f"{path}: not a readable config JSON ({e})") from None
+  data = fileio.read_json(path, "config JSON", ConfigError)
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: expected a JSON object of config sections")
   return from_dict(data, where=path)

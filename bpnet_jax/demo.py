@@ -30,7 +30,8 @@ import json
 import os
 import time
 
-from bpnet_jax import checkpoint, config as config_lib, prune, train
+from bpnet_jax import checkpoint, prune, train
+from bpnet_jax import config as config_lib
 from bpnet_jax.data import dataset_spec, synthetic_dataset
 from bpnet_jax.errors import ConfigError, ExportError
 from bpnet_jax.export import int8, onnx_model

@@ -12,6 +12,8 @@ import os
 import shutil
 from typing import Iterator
 
+from bpnet_jax.errors import DataError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
@@ -22,12 +24,12 @@ def atomic_path(path: str) -> Iterator[str]:
   """
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
+  tmp = f"{path}.{os.getpid()}.tmp"
   _remove(tmp)
   try:
     yield tmp
     if os.path.isdir(tmp) and os.path.isdir(path):
-      old = f"{path}.old{os.getpid()}"
+      old = f"{path}.{os.getpid()}.old"
       os.replace(path, old)
       os.replace(tmp, path)
       shutil.rmtree(old, ignore_errors=True)
@@ -64,3 +66,16 @@ def check_can_write(paths, overwrite: bool) -> None:
   for p in paths:
     if os.path.exists(p) and not (os.path.isdir(p) and not os.listdir(p)) and not overwrite:
       raise FileExistsError(f"{p} already exists (pass --overwrite to replace it)")
+
+
+def read_json(path: str, what: str = "JSON file", error: type = None):
+  """The parsed JSON at `path`; `error` (default DataError) in one line naming the file if it is
+  missing, unreadable or not valid JSON. `what` says what the file should be."""
+  error = error or DataError
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise error(f"{path}: {what} not found") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f"{path}: not a valid {what} ({e})") from None

@@ -51,7 +51,8 @@ def stage_losses(heatmaps: Sequence[jax.Array], pafs: Sequence[jax.Array], label
   one = masks.shape[-1] == 1
   out = {}
   for s, (h, p) in enumerate(zip(heatmaps, pafs), start=1):
-    out[f"cmap_loss_stage{s}"] = l2_term(h, labels[..., hs], masks if one else masks[..., hs], focal)
+    heat_masks = masks if one else masks[..., hs]
+    out[f"cmap_loss_stage{s}"] = l2_term(h, labels[..., hs], heat_masks, focal)
     out[f"paf_loss_stage{s}"] = l2_term(p, labels[..., ps], masks if one else masks[..., ps], focal)
   return out
 

@@ -15,7 +15,7 @@ Parameter paths follow the original layer names, so LR multipliers, pruning and 
 loading key on them:
   backbone/block_1a_conv_1 ... backbone/block_6a_conv_1 (+ block_*_bn_1)
   channel_reduction_conv
-  stage1/conv1..3, stage1/paf/conv4, stage1/cmap/conv4, stage1/paf_branch/out, stage1/heat_branch/out
+  stage1/conv1..3, stage1/paf/conv4, stage1/cmap/conv4, stage1/{paf,heat}_branch/out
   stage{t}/conv1..5, stage{t}/paf/conv6, stage{t}/cmap/conv6, [.../attention_conv]     (lite)
   stage{t}/paf_branch/conv1..6, stage{t}/heat_branch/conv1..6, [.../attention_conv]   (full)
   paf_out, heatmap_out                                                                (last stage)

@@ -1,12 +1,12 @@
 """Magnitude-based structured pruning of a BodyPoseNet parameter pytree (the original's
-`min_weight` method, infer_prune_export.md §4), as a pure function.
+`min_weight` method), as a pure function.
 
   graph = model_graph(model)                 # which conv feeds which (concatenations, gates)
   pruned, widths, report = prune(variables, graph, threshold=0.1)
 
 For every prunable conv, the statistic of an output filter is the L2 norm of its kernel slice
 (biases ignored), normalised within the layer by its maximum (`max`) or by the L2 norm of the
-vector of norms (`L2`; the original multiplied that by N, DECISIONS.md). A layer keeps the
+vector of norms (`L2`; the original multiplied that by N, docs/decisions.md). A layer keeps the
 filters whose statistic exceeds the threshold, at least `min_filters` (or all if it has fewer),
 rounded up to a multiple of `granularity`, the largest statistics first. Convs whose outputs are
 multiplied element-wise (an attention gate and the conv it gates) keep the same filters, chosen on

@@ -30,6 +30,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+
 from bpnet_jax.errors import SkeletonError
 
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), "skeletons")
@@ -203,7 +204,8 @@ def from_json(data: dict, name: str = "custom", where: str = "<pose config>") ->
   limbs0 = []
   for i, pair in enumerate(limbs):
     if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-        or not all(isinstance(v, int) and 1 <= v <= len(joints) for v in pair) or pair[0] == pair[1]):
+        or not all(isinstance(v, int) and 1 <= v <= len(joints) for v in pair)
+        or pair[0] == pair[1]):
       fail(f"categories[0].skeleton[{i}] = {pair!r}: expected two different 1-based joint "
            f"indices in 1..{len(joints)}")
     limbs0.append((pair[0] - 1, pair[1] - 1))
@@ -245,7 +247,7 @@ def from_json(data: dict, name: str = "custom", where: str = "<pose config>") ->
                   supercategory=str(cat.get("supercategory", "person")),
                   category_name=str(cat.get("name", "person")))
   try:
-    skel.limb_flip  # Every limb needs a mirror limb under the flip pairs.
+    _ = skel.limb_flip  # Every limb needs a mirror limb under the flip pairs.
   except SkeletonError as e:
     fail(str(e))
   return skel

@@ -22,27 +22,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 import tqdm
-from array_record.python import array_record_data_source
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tensorboardX import SummaryWriter
 
-from bpnet_jax import augment, checkpoint as checkpoint_lib, config as config_lib, losses
-from bpnet_jax import model as model_lib, optimizer as optimizer_lib, schedules
+from bpnet_jax import augment, fileio, losses, schedules
+from bpnet_jax import checkpoint as checkpoint_lib
+from bpnet_jax import config as config_lib
+from bpnet_jax import model as model_lib
+from bpnet_jax import optimizer as optimizer_lib
 from bpnet_jax import skeleton as skeleton_lib
 from bpnet_jax.data import input_pipeline
+from bpnet_jax.data import records as records_lib
 from bpnet_jax.errors import DataError, TrainingError
 
 log = logging.getLogger("bpnet.train")
@@ -166,11 +168,10 @@ class MetricsLog:
       return
     if os.path.exists(self.path):
       # Lines written after the checkpoint we resume from belong to the abandoned run.
-      keep = [l for l in open(self.path) if l.strip() and json.loads(l)["step"] <= resume_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      with open(self.path) as f:
+        keep = [line for line in f
+                if line.strip() and json.loads(line)["step"] <= resume_step]
+      fileio.write_text(self.path, "".join(keep))
     self.file = open(self.path, "a")
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
@@ -212,11 +213,13 @@ def setup(config, devices=None) -> Setup:
   try:
     ds = input_pipeline.train_dataset_from_config(config, sk, jax.process_index(),
                                                   jax.process_count())
-  except (FileNotFoundError, ValueError) as e:
+  except FileNotFoundError as e:
+    raise DataError(str(e)) from None
+  except ValueError as e:
     raise TrainingError(str(e)) from None
   d = config.dataloader.dataset_config
   paths = input_pipeline.resolve_record_paths(d.train_records_folder_path, d.train_records_path)
-  num_records = len(array_record_data_source.ArrayRecordDataSource(paths))
+  num_records = len(records_lib.open_source(paths))
   spe, last = _steps(config, num_records)
   sched = schedules.from_config(config.optimizer.learning_rate_schedule, spe, last)
   model = model_lib.build_model(config.model, sk, config.trainer.compute_dtype)
@@ -238,10 +241,9 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   with jax.set_mesh(s.mesh):
     state = jax.jit(lambda: init_state(cfg, s.model, tx_fn, h, w), out_shardings=replicated)()
   tx = tx_fn(state.params)
-  mngr = checkpoint_lib.checkpoint_manager(workdir, t.max_ckpt_to_keep)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  restored = checkpoint_lib.restore_latest(mngr, abstract)
+  mngr, restored = checkpoint_lib.restore_latest(workdir, t.max_ckpt_to_keep, abstract)
   data_state = None
   if restored is not None:
     state, data_state, meta, step = restored
@@ -296,13 +298,14 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
       pending.append(metrics)
       is_ckpt = step % ckpt_every == 0 or step == s.last_step
       if step % t.summary_every_n_steps == 0 or is_ckpt:
-        values = _mean_metrics(jax.device_get(pending))
+        per_step = _fetch_metrics(pending)            # one device->host transfer
+        first_step = step - len(pending) + 1
         pending = []
-        if not math.isfinite(values["loss"]):
-          raise TrainingError(
-              f"loss became {values['loss']} at step {step} (epoch {step / s.steps_per_epoch:.2f})"
-              "; stopping without saving. The last good checkpoint is kept; lower the learning "
-              "rate or check the data")
+        bad = np.flatnonzero(~np.isfinite(per_step["loss"]))
+        if bad.size:
+          _stop_on_non_finite(mngr, workdir, first_step + int(bad[0]),
+                              float(per_step["loss"][bad[0]]), s.steps_per_epoch)
+        values = {k: float(np.mean(v)) for k, v in per_step.items()}
         now = time.perf_counter()
         values.update(epoch=round(step / s.steps_per_epoch, 4),
                       images_per_sec=round(window_steps * cfg.dataloader.batch_size
@@ -321,6 +324,9 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
         metrics_log.write(step, {"epoch": round(step / s.steps_per_epoch, 4),
                                  "val_loss": vloss})
       if is_ckpt:
+        if not bool(all_finite(state)):
+          _stop_on_non_finite(mngr, workdir, step + 1, float("nan"), s.steps_per_epoch,
+                              what="parameters or optimizer state")
         checkpoint_lib.save_checkpoint(
             mngr, state, _jsonable(data_state),
             {"epoch": step // s.steps_per_epoch, "steps_per_epoch": s.steps_per_epoch,
@@ -343,9 +349,46 @@ def _jsonable(x):
   return json.loads(json.dumps(x, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
-def _mean_metrics(items) -> dict:
-  keys = items[0].keys()
-  return {k: float(np.mean([float(i[k]) for i in items])) for k in keys}
+@jax.jit
+def _stack_metrics(items):
+  return jax.tree_util.tree_map(lambda *values: jnp.stack(values), *items)
+
+
+def _fetch_metrics(items) -> dict:
+  """{name: (n,) float64} of n steps' metrics, stacked on the device and fetched at once."""
+  return {k: np.asarray(v, np.float64) for k, v in jax.device_get(_stack_metrics(items)).items()}
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True if every floating-point leaf of `tree` is finite (one scalar to fetch)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _stop_on_non_finite(mngr, workdir: str, step: int, loss: float, steps_per_epoch: int,
+                        what: str = "loss"):
+  """Raises TrainingError after moving aside every checkpoint that cannot be trusted.
+
+  The loss of step n is computed with the parameters saved at step n - 1, so a non-finite loss
+  at step n condemns every checkpoint at or after step n - 1; the message names the newest
+  checkpoint kept, which is what a rerun resumes from.
+  """
+  mngr.wait_until_finished()
+  for saved in sorted(mngr.all_steps()):
+    if saved >= step - 1:
+      checkpoint_lib.quarantine(workdir, saved,
+                                f"its parameters give a non-finite loss at step {step}")
+  mngr.reload()
+  kept = mngr.latest_step()
+  where = f"step {kept}" if kept is not None else "none: a rerun starts from scratch"
+  if what != "loss":
+    step -= 1               # the state after this step is the non-finite one
+  detail = f"became {loss}" if what == "loss" else "became non-finite"
+  raise TrainingError(f"the {what} {detail} at step {step} (epoch {step / steps_per_epoch:.2f}); "
+                      f"stopping. Checkpoint kept: {where}. Lower the learning rate or check "
+                      "the data")
 
 
 def _validation(config, s: Setup, workdir):

@@ -9,7 +9,7 @@
                       demo data's part colours fix left and right), rotations +-20 deg, Adam
                       from 1e-5 up to 2e-3 and back, 50 epochs, inference at 192x192.
 
-Data paths are left empty: `bpnet_jax.data.synthetic_dataset.point_config` fills them.
+Data paths are configs/coco.py's; `bpnet_jax.data.synthetic_dataset.point_config` repoints them.
 Usage: --config=configs/demo.py or --config=configs/demo.py:demo
 """
 
@@ -45,10 +45,6 @@ def get_config(arg: str = ""):
   s.base_learning_rate = 5e-4
   s.min_learning_rate = 5e-6
   config.inference.input_shape = [128, 128]
-  ds = config.dataloader.dataset_config
-  ds.root_data_path = ds.train_records_folder_path = ds.val_records_folder_path = ""
-  ds.train_records_path = ds.val_records_path = []
-  ds.dataset_specs = {}
   if arg == "demo":
     _demo(config)
   elif arg:

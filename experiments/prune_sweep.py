@@ -30,7 +30,7 @@ def evaluate(cfg, model_dir, data_dir, out_dir):
   from bpnet_jax.inference import coco_eval as ev
   from bpnet_jax.inference import predictor
   split = dataset_spec.load_spec(os.path.join(data_dir, "dataset_spec.json")).split(SPLIT)
-  p = predictor.Predictor.from_path(cfg, model_dir)
+  p = predictor.Predictor.from_path(model_dir, cfg)
   return ev.evaluate_dataset(p, split.annotations, split.images_dir, out_dir, progress=False,
                              verbose=False)["metrics"]
 
@@ -48,11 +48,13 @@ def main():
   ap.add_argument("--granularity", type=int, default=4, help="-pg")
   a = ap.parse_args()
 
-  from bpnet_jax import demo, model as model_lib, prune, train
-  from bpnet_jax.skeleton import load_skeleton
+  from bpnet_jax import checkpoint, prune, train
+  from bpnet_jax import model as model_lib
+  from bpnet_jax.skeleton import skeleton_from_config
   global SPLIT
   if a.demo_dir:
-    root, cfg = a.demo_dir, demo.demo_config(a.demo_dir)
+    root = a.demo_dir
+    cfg = checkpoint.saved_config(os.path.join(root, "train"))
   else:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from synthetic_overfit import overfit_config
@@ -62,19 +64,18 @@ def main():
   data, trained = os.path.join(root, "data"), os.path.join(root, "train")
   out = os.path.join(root, "prune_sweep")
   os.makedirs(out, exist_ok=True)
-  sk = load_skeleton()
+  sk = skeleton_from_config(cfg)
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
   base = evaluate(cfg, trained, data, os.path.join(out, "eval_unpruned"))
-  from bpnet_jax.inference import predictor
-  _, variables = predictor.load_model(cfg, trained)
+  variables = checkpoint.load_model(trained).variables
   net = model_lib.build_model(cfg.model, sk)
   rows = [("unpruned", model_lib.count_params(variables)["total"],
            prune.flops(net, variables, h, w), base, base, 0.0)]
   for th in a.thresholds:
     t0 = time.time()
     pdir = os.path.join(out, f"pruned_{th:g}")
-    rep = prune.prune_checkpoint(cfg, trained, pdir, threshold=th, granularity=a.granularity,
-                                 min_filters=a.min_filters, overwrite=True)
+    rep = prune.prune_checkpoint(trained, pdir, threshold=th, granularity=a.granularity,
+                                 min_filters=a.min_filters, overwrite=True, config=cfg)
     before = evaluate(cfg, pdir, data, os.path.join(out, f"eval_pruned_{th:g}"))
     rc = cfg.copy_and_resolve_references()
     rc.trainer.pretrained_weights, rc.trainer.load_graph = pdir, True

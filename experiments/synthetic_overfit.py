@@ -41,14 +41,14 @@ def peak_distances(heat, joints, valid, stride, threshold=0.1):
   return np.array(out)
 
 
-def overfit_config(work: str, epochs: int = 400, lr: float = 5e-4):
-  """configs/demo.py on WORK/records/train without augmentation or regularisation."""
+def overfit_config(work: str, epochs: int = 400, lr: float = 5e-4, num_images: int = 12):
+  """configs/demo.py on WORK's synthetic dataset (made if missing) without augmentation or
+  regularisation."""
+  from bpnet_jax.data import synthetic_dataset
   from configs import demo
-  cfg = demo.get_config()
+  paths = synthetic_dataset.make_dataset(work, num_images, seed=1, test_fraction=0)
+  cfg = synthetic_dataset.point_config(demo.get_config(), paths, validation=False)
   d = cfg.dataloader
-  d.dataset_config.train_records_folder_path = os.path.join(work, "records")
-  d.dataset_config.train_records_path = ("train-fold-000-of-001",)
-  d.dataset_config.dataset_specs = {"coco": os.path.join(work, "data", "dataset_spec.json")}
   d.max_image_size = (240, 320)
   sp = d.augmentation_config.spatial_aug_params
   sp.flip_lr_prob, sp.rotate_deg_min, sp.rotate_deg_max = 0.0, 0.0, 0.0
@@ -73,21 +73,14 @@ def main():
 
   import jax
   import numpy as np
+
   from bpnet_jax import augment, train
-  from bpnet_jax.data import convert
   from bpnet_jax.data import input_pipeline as ip
-  from bpnet_jax.data import synthetic
   from bpnet_jax.skeleton import load_skeleton
 
   work = a.workdir or tempfile.mkdtemp(prefix="bpnet_overfit_")
-  data = os.path.join(work, "data")
-  if not os.path.exists(os.path.join(data, "dataset_spec.json")):
-    synthetic.make_synthetic(data, a.num_images, seed=1, test_fraction=0, progress=False)
   rec = os.path.join(work, "records", "train")
-  if not os.path.exists(rec + "-fold-000-of-001"):
-    convert.convert(os.path.join(data, "dataset_spec.json"), rec, "train", generate_masks=True)
-
-  cfg = overfit_config(work, a.epochs, a.lr)
+  cfg = overfit_config(work, a.epochs, a.lr, a.num_images)
   d = cfg.dataloader
   out = train.train(cfg, os.path.join(work, "train"))
   state = out["state"]

@@ -16,29 +16,21 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def synth_records(tmp_path_factory):
   """A small synthetic dataset converted to records: (data dir, spec path, records dir)."""
-  from bpnet_jax.data import convert
-  from bpnet_jax.data import synthetic
+  from bpnet_jax.data import synthetic_dataset
   root = tmp_path_factory.mktemp("synth_records")
-  data = str(root / "data")
-  synthetic.make_synthetic(data, 20, seed=11, width=160, height=120, test_fraction=0.2,
-                           progress=False)
-  spec = os.path.join(data, "dataset_spec.json")
-  convert.convert(spec, str(root / "records" / "train"), "train", generate_masks=True, workers=1)
-  convert.convert(spec, str(root / "records" / "test"), "test", generate_masks=True, workers=1)
-  return data, spec, str(root / "records")
+  paths = synthetic_dataset.make_dataset(str(root), 20, seed=11, width=160, height=120,
+                                         test_fraction=0.2, workers=1)
+  return paths["data"], paths["spec"], paths["records"]
 
 
 def tiny_train_config(synth, **trainer):
   """configs/demo.py at 64x64 on the synthetic records (fast to compile and run on CPU)."""
+  from bpnet_jax.data import synthetic_dataset
   from configs import demo
   data, spec, records = synth
-  c = demo.get_config()
+  c = synthetic_dataset.point_config(demo.get_config(), {
+      "data": data, "spec": spec, "records": records, "summaries": {"train": {}, "test": {}}})
   d = c.dataloader
-  d.dataset_config.train_records_folder_path = records
-  d.dataset_config.train_records_path = ("train-fold-000-of-001",)
-  d.dataset_config.val_records_folder_path = records
-  d.dataset_config.val_records_path = ("test-fold-000-of-001",)
-  d.dataset_config.dataset_specs = {"coco": spec}
   d.max_image_size = (120, 160)
   d.max_people = 8
   d.image_config.height = d.image_config.width = 64

@@ -1,4 +1,3 @@
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +5,6 @@ import numpy as np
 import pytest
 
 from bpnet_jax import augment as A
-from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import load_skeleton
 from configs import coco, demo
 

@@ -1,7 +1,6 @@
 """dataset_convert on real COCO annotations (tests/data/coco_mini) and on hand-made cases."""
 
 import collections
-import copy
 import json
 import os
 import shutil
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from bpnet_jax.data import convert
-from bpnet_jax.data import records
+from bpnet_jax.data import convert, records
 from bpnet_jax.data.dataset_spec import SpecError, coco_spec_dict, load_spec
 from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import load_skeleton

@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("jax2onnx")
 pytest.importorskip("onnxruntime")
 
+from bpnet_jax import model as model_lib  # noqa: E402
+from bpnet_jax import prune as P  # noqa: E402
 from bpnet_jax.export import int8, runtimes  # noqa: E402
 from bpnet_jax.export import onnx_model as E  # noqa: E402
-from bpnet_jax import model as model_lib  # noqa: E402
 from bpnet_jax.inference import predictor  # noqa: E402
-from bpnet_jax import prune as P  # noqa: E402
 from bpnet_jax.skeleton import load_skeleton  # noqa: E402
 from configs import demo  # noqa: E402
 
@@ -89,6 +89,7 @@ def test_fixed_size_fp16_and_sdk_models(tmp_path):
 
 def test_pruned_model_trains_a_step_and_exports(tmp_path):
   import optax
+
   from bpnet_jax import losses
   c, m, v = tiny()
   pruned, widths, _ = P.prune(v, P.model_graph(m), threshold=0.9, granularity=2, min_filters=2)
@@ -119,7 +120,7 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
   from bpnet_jax import cli
   config, workdir = trained_workdir
   from conftest import write_config_file
-  cfg = write_config_file(config, tmp_path / "cfg.py")
+  write_config_file(config, tmp_path / "cfg.py")
   out = tmp_path / "m.onnx"
   assert cli.main(["export", f"--workdir={workdir}", f"-o={out}"]) == 0
   assert "max |diff|" in capsys.readouterr().out

@@ -6,10 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from bpnet_jax.data import convert
+from bpnet_jax.data import convert, records, synthetic
 from bpnet_jax.data import input_pipeline as ip
-from bpnet_jax.data import records
-from bpnet_jax.data import synthetic
 from bpnet_jax.skeleton import load_skeleton
 from configs import demo
 

@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_skeleton import five_joint_json
 
 import bpnet_jax
 from bpnet_jax import model as M
 from bpnet_jax.skeleton import load_skeleton
 from configs import demo
-from test_skeleton import five_joint_json
 
 SK = load_skeleton()
 
@@ -20,7 +20,7 @@ SK = load_skeleton()
     ("BpNetLiteModel", 6, False, 30_015_638, 30_010_262, 64),
     ("BpNetModel", 3, False, 25_965_035, 25_959_659, 50),
     ("BpNetModel", 6, False, 52_319_510, 52_314_134, 92),
-    # With attention gates: +147,584 per gate (model_train.md section 6).
+    # With attention gates: +147,584 per gate (the original's counts).
     ("BpNetLiteModel", 3, True, 17_368_171, 17_362_795, 41),
     ("BpNetModel", 3, True, 26_555_371, 26_549_995, 54),
 ])

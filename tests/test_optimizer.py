@@ -7,9 +7,9 @@ import optax
 import pytest
 
 import bpnet_jax
+from bpnet_jax import losses
 from bpnet_jax import model as M
 from bpnet_jax import optimizer as O
-from bpnet_jax import losses
 from bpnet_jax.skeleton import load_skeleton
 from configs import demo
 
@@ -17,7 +17,7 @@ SK = load_skeleton()
 
 
 def test_stagewise_multiplier_groups_of_the_default_model():
-  # model_train.md section 9: Lite S=3 multiplier groups (sum = 16,772,459 trainable).
+  # The original's Lite S=3 multiplier groups (sum = 16,772,459 trainable).
   params = M.abstract_variables(M.BpNet(architecture="BpNetLiteModel", skeleton=SK, stages=3))["params"]
   mults = O.lr_multipliers(params, use_stagewise=True)
   groups = collections.Counter()

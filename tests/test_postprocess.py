@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from bpnet_jax.inference import postprocess as dec
 from bpnet_jax import targets
+from bpnet_jax.inference import postprocess as dec
 from bpnet_jax.skeleton import from_json, load_skeleton
 
 SK = load_skeleton()

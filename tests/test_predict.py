@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from bpnet_jax import targets
-from bpnet_jax import checkpoint
+from bpnet_jax import checkpoint, targets
 from bpnet_jax import model as model_lib
 from bpnet_jax.errors import CheckpointError, InferenceError
 from bpnet_jax.inference import predictor, preprocess
@@ -117,6 +116,7 @@ def test_multi_scale_maps_are_resampled_onto_the_largest_scale(mode):
 
 def test_real_model_all_modes_and_one_compile_per_shape():
   import jax
+
   from bpnet_jax import model as model_lib
   c = config_for("adjust_network_input", (64, 96))
   net = model_lib.build_model(c.model, SK)
@@ -153,6 +153,7 @@ def test_real_model_all_modes_and_one_compile_per_shape():
 
 def test_predict_iter_reports_unreadable_images(tmp_path):
   import jax
+
   from bpnet_jax import model as model_lib
   c = config_for("adjust_network_input", (64, 64))
   net = model_lib.build_model(c.model, SK)
@@ -173,6 +174,7 @@ def test_predict_iter_batches_keep_order_and_results(tmp_path):
   one-at-a-time prediction yields, in order, errors included."""
   import cv2
   import jax
+
   from bpnet_jax import model as model_lib
   c = config_for("adjust_network_input", (64, 64))
   # Loose thresholds: a random network's maps decode to many "people", so results are non-trivial.

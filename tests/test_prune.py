@@ -39,7 +39,7 @@ def test_selection_rule_matches_the_reference_examples():
 def test_normalizers_and_criteria():
   s = np.array([1.0, 2.0, 4.0])
   np.testing.assert_allclose(P.normalize(s, "max"), [0.25, 0.5, 1.0])
-  np.testing.assert_allclose(P.normalize(s, "L2"), s / np.sqrt(21))   # not x N (DECISIONS.md)
+  np.testing.assert_allclose(P.normalize(s, "L2"), s / np.sqrt(21))   # not x N (docs/decisions.md)
   a, b = np.array([0.2, 0.9]), np.array([0.8, 0.1])
   assert P.merge([a, b], "union").tolist() == [0.8, 0.9]
   assert P.merge([a, b], "intersection").tolist() == [0.2, 0.1]
@@ -99,7 +99,7 @@ def zero_filters(v, graph, rng, fraction=0.5):
   p = {k: np.array(x) for k, x in p.items()}
   s = {k: np.array(x) for k, x in s.items()}
   zeroed = {}
-  by_name = {n.name: n for n in graph}
+  {n.name: n for n in graph}
   for n in graph:
     if n.head or n.gates:
       continue

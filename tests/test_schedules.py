@@ -12,7 +12,7 @@ def test_soft_start_annealing_reference_vector():
 
 
 def test_soft_start_annealing_worked_example():
-  # model_train.md 10.1: s=0.05, a=0.5, 8e-8 -> 2e-5, progress p at last_step 1000.
+  # The original's schedule: s=0.05, a=0.5, 8e-8 -> 2e-5, progress p at last_step 1000.
   f = schedules.soft_start_annealing(2e-5, 8e-8, 0.05, 0.5, 1000)
   table = {0: 8.0e-08, 10: 2.41367e-07, 25: 1.264911e-06, 40: 6.62891e-06, 50: 2.0e-05,
            300: 2.0e-05, 500: 2.0e-05, 600: 6.62891e-06, 750: 1.264911e-06, 900: 2.41367e-07,

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from bpnet_jax.skeleton import SkeletonError, from_json, load_skeleton
+from bpnet_jax.skeleton import SkeletonError, load_skeleton
 
 BPNET_JOINTS = ["nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder",
                 "left_elbow", "left_wrist", "right_hip", "right_knee", "right_ankle", "left_hip",

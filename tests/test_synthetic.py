@@ -5,9 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from bpnet_jax.data import convert
-from bpnet_jax.data import records
-from bpnet_jax.data import synthetic
+from bpnet_jax.data import convert, records, synthetic
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,10 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from test_skeleton import five_joint_json
 
 from bpnet_jax import targets
 from bpnet_jax.skeleton import load_skeleton
-from test_skeleton import five_joint_json
 
 SK = load_skeleton()
 NOSE = SK.joint_index("nose")

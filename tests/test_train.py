@@ -10,9 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from bpnet_jax import train
 from conftest import tiny_train_config
+
+from bpnet_jax import checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,14 +80,17 @@ def test_learning_rate_follows_the_schedule(trained):
 
 
 def test_checkpoint_round_trip(trained, tmp_path):
-  _, _, out = trained
+  config, _, out = trained
   state = out["state"]
-  mngr = train.checkpoint_manager(str(tmp_path), 2)
-  train.save_checkpoint(mngr, state, {"next_index": 7}, {"epoch": 3})
-  mngr.wait_until_finished()
+  mngr = checkpoint.checkpoint_manager(str(tmp_path), 2)
+  checkpoint.save_checkpoint(mngr, state, {"next_index": 7}, {"epoch": 3}, config)
+  mngr.close()
+  step_dir = os.path.join(str(tmp_path), "checkpoints", str(int(state.step)))
+  assert checkpoint.verify_manifest(step_dir) is None          # written once the save completed
+  assert json.load(open(os.path.join(step_dir, "integrity.json")))["files"]
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                    sharding=x.sharding), state)
-  restored, data, meta, step = train.restore_latest(mngr, abstract)
+  mngr, (restored, data, meta, step) = checkpoint.restore_latest(str(tmp_path), 2, abstract)
   mngr.close()
   assert data == {"next_index": 7} and meta == {"epoch": 3} and step == int(state.step)
   for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(restored)):
@@ -105,14 +108,16 @@ def test_corrupt_latest_checkpoint_falls_back(trained, tmp_path, caplog):
     if os.path.isfile(f) and not f.endswith("_METADATA"):
       with open(f, "wb") as fh:       # truncated files: a checkpoint damaged on disk
         fh.write(b"")
-  mngr = train.checkpoint_manager(copy, 5)
   abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                                    sharding=x.sharding),
                                     out["state"])
-  _, _, meta, step = train.restore_latest(mngr, abstract)
+  mngr, (_, _, meta, step) = checkpoint.restore_latest(copy, 5, abstract)
   mngr.close()
   assert step == out["steps_per_epoch"] and meta["epoch"] == 1
-  assert any("unreadable" in r.message for r in caplog.records)
+  assert any("unusable" in r.message for r in caplog.records)
+  # The damaged step was moved aside, so a retrained step can be saved again.
+  assert os.listdir(os.path.join(copy, "corrupt_checkpoints")) == [str(latest)]
+  assert str(latest) not in os.listdir(os.path.join(copy, "checkpoints"))
 
 
 def test_one_device_and_four_devices_agree(synth_records, tmp_path):

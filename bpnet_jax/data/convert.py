@@ -9,6 +9,9 @@ name (the neck as the midpoint of the shoulders, labelled only when both are).
 
 `--generate_masks` writes `<masks dir>/<image stem>.png`: 255 = valid, 0 = ignore, with
 ignore = (crowd AND NOT labelled) OR unlabelled (people without keypoints). Lossless and binary.
+Every file_name, and its mask, must stay inside the split's images (masks) dir -- no absolute
+paths, no '..' or symlink out (see `dataset_spec`); the JSON is rejected before anything is
+written otherwise.
 
 Outputs are written under temporary names and renamed at the end, so an interrupted or failed
 conversion leaves nothing that looks complete. A JSON summary (`OUT.summary.json`) counts images,
@@ -25,10 +28,14 @@ import os
 import sys
 from typing import Optional
 
+import cv2
 import numpy as np
+import tqdm
+from pycocotools import mask as mask_utils
 
+from bpnet_jax import fileio
 from bpnet_jax.data import records as records_lib
-from bpnet_jax.data.dataset_spec import DatasetSpec, SpecError, load_spec
+from bpnet_jax.data.dataset_spec import DatasetSpec, SpecError, load_spec, resolve_inside
 from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import Skeleton, load_skeleton
 
@@ -130,8 +137,6 @@ def load_annotations(path: str, spec: DatasetSpec, skipped: collections.Counter)
 def _mask_job(args):
   """Writes one image's ignore mask; returns (image_id, error or None)."""
   image_id, h, w, anns, out_path = args
-  from pycocotools import mask as mask_utils
-  import cv2
   try:
     crowd = np.zeros((h, w), bool)
     unlabeled = np.zeros((h, w), bool)
@@ -154,11 +159,10 @@ def _mask_job(args):
       else:
         labeled |= m
     ignore = (crowd & ~labeled) | unlabeled
-    tmp = out_path + ".tmp.png"
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    if not cv2.imwrite(tmp, np.where(ignore, 0, 255).astype(np.uint8)):
-      return image_id, f"cannot write {out_path}"
-    os.replace(tmp, out_path)
+    ok, png = cv2.imencode(".png", np.where(ignore, 0, 255).astype(np.uint8))
+    if not ok:
+      return image_id, f"cannot encode {out_path}"
+    fileio.write_bytes(out_path, png.tobytes())
     return image_id, None
   except Exception as e:  # A malformed segmentation: reported per image, conversion goes on.
     return image_id, f"{type(e).__name__}: {e}"
@@ -167,7 +171,6 @@ def _mask_job(args):
 def _check_job(args):
   """(image_id, reason or None): the image must exist and decode; the mask must exist."""
   image_id, image_path, mask_path = args
-  import cv2
   if not os.path.exists(image_path):
     return image_id, "image_missing"
   if cv2.imread(image_path, cv2.IMREAD_REDUCED_GRAYSCALE_8) is None:
@@ -178,19 +181,37 @@ def _check_job(args):
 
 
 def _pool_map(fn, jobs, workers, desc):
-  from tqdm import tqdm
   if workers <= 1 or len(jobs) < 8:
-    return [fn(j) for j in tqdm(jobs, desc=desc, unit="img", file=sys.stderr, leave=False)]
+    return [fn(j) for j in tqdm.tqdm(jobs, desc=desc, unit="img", file=sys.stderr, leave=False)]
   ctx = multiprocessing.get_context("spawn")
   with ctx.Pool(workers) as pool:
-    return list(tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img",
+    return list(tqdm.tqdm(pool.imap(fn, jobs, chunksize=4), total=len(jobs), desc=desc, unit="img",
                      file=sys.stderr, leave=False))
 
 
 def mask_path_for(split, file_name: str) -> tuple[str, str]:
-  """(relative, absolute) path of an image's mask PNG."""
+  """(relative, absolute) path of an image's mask PNG (unchecked: see `image_paths`)."""
   stem = os.path.splitext(file_name)[0] + ".png"
   return os.path.join(split.masks_rel, stem), os.path.join(split.masks_dir, stem)
+
+
+def image_paths(split, images: dict, where: str) -> dict:
+  """{image id: (image path, mask path)}, absolute, each checked to stay inside its directory.
+
+  A COCO file_name is relative to the split's images dir and its mask `<stem>.png` to the masks
+  dir; one that is absolute, or leaves its dir through '..' or a symlink, is a DataError naming
+  `where` (the JSON file), the image id and the file_name. Run before anything is written, so
+  a crafted JSON can neither overwrite a file elsewhere with a mask nor make records point at one.
+  """
+  out = {}
+  for iid, im in images.items():
+    name = im["file_name"]
+    image = resolve_inside(split.images_dir, name, f"{where}: image {iid}: file_name")
+    stem = os.path.splitext(name)[0] + ".png"
+    mask = resolve_inside(split.masks_dir, stem, f"{where}: image {iid} (file_name {name!r}): "
+                          "its mask")
+    out[iid] = (image, mask)
+  return out
 
 
 def convert(spec_path: str, output: str, mode: str = "train", generate_masks: bool = False,
@@ -205,11 +226,12 @@ def convert(spec_path: str, output: str, mode: str = "train", generate_masks: bo
   skipped = collections.Counter()
   images, per_image = load_annotations(split.annotations, spec, skipped)
   no_ann = sum(1 for i in images if i not in per_image)
+  paths = image_paths(split, images, split.annotations)
 
   mask_errors = {}
   if generate_masks:
-    jobs = [(iid, int(images[iid]["height"]), int(images[iid]["width"]), anns,
-             mask_path_for(split, images[iid]["file_name"])[1]) for iid, anns in per_image.items()]
+    jobs = [(iid, int(images[iid]["height"]), int(images[iid]["width"]), anns, paths[iid][1])
+            for iid, anns in per_image.items()]
     for iid, err in _pool_map(_mask_job, jobs, workers, "masks"):
       if err:
         mask_errors[iid] = err
@@ -229,8 +251,8 @@ def convert(spec_path: str, output: str, mode: str = "train", generate_masks: bo
     if not main:
       skipped["image_without_main_person"] += 1
       continue
-    mask_rel, mask_abs = mask_path_for(split, meta["file_name"])
-    if not (generate_masks or os.path.exists(mask_abs)):
+    mask_rel = mask_path_for(split, meta["file_name"])[0]
+    if not (generate_masks or os.path.exists(paths[iid][1])):
       mask_rel = ""
     kp = np.array([a["keypoints"] for a in anns], np.float64)
     joints, vis = convert_keypoints(kp, spec, skeleton)
@@ -248,9 +270,9 @@ def convert(spec_path: str, output: str, mode: str = "train", generate_masks: bo
       images_used.add(iid)
 
   if check_files:
-    jobs = sorted({(r["image_id"], os.path.join(spec.root, r["image_path"]),
-                    os.path.join(spec.root, r["mask_path"]) if r["mask_path"] else "")
-                   for r in recs})
+    checked = {int(i): p for i, p in paths.items() if i in images_used}
+    jobs = sorted({(r["image_id"], checked[r["image_id"]][0],
+                    checked[r["image_id"]][1] if r["mask_path"] else "") for r in recs})
     bad = {}
     for iid, reason in _pool_map(_check_job, jobs, workers, "check files"):
       if reason:
@@ -289,8 +311,5 @@ def convert(spec_path: str, output: str, mode: str = "train", generate_masks: bo
       "masks_written": (len(per_image) - len(mask_errors)) if generate_masks else 0,
       "skipped": dict(sorted(skipped.items())), "files": files,
   }
-  tmp = output + ".summary.json.tmp"
-  with open(tmp, "w") as f:
-    json.dump(summary, f, indent=2)
-  os.replace(tmp, output + ".summary.json")
+  fileio.write_json(output + ".summary.json", summary, indent=2)
   return summary

@@ -14,13 +14,28 @@
   "data_filtering_params": {"min_acceptable_height": 32, "min_acceptable_width": 32,
                             "min_acceptable_kpts": 5, "min_acceptable_interperson_dist_ratio": 0.3}
 }
+
+Where files may be (no path from a JSON, a spec or a record reaches outside its declared root):
+  - A split's images, masks and annotation paths are declared by whoever writes the spec: each is
+    either absolute (anywhere: e.g. masks on another disk) or relative to the root, and then must
+    not leave the root with '..' (write it absolute to mean a directory outside).
+  - A COCO `file_name` is relative to the split's images dir, and its mask `<stem>.png` to the
+    masks dir; each must stay inside that dir, lexically and after resolving symlinks (the dirs
+    themselves may be symlinks: they are declared). `convert` rejects the JSON otherwise, before
+    it writes anything.
+  - A record's image_path / mask_path is relative to the dataset root (absolute only inside a
+    directory the spec declares, as `convert` writes for an absolute masks dir) and must resolve
+    inside the root, or inside the most specific declared directory holding it.
+`resolve_inside` is the one check all three use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+from typing import Sequence
 
 from bpnet_jax.data.records import VISIBILITY_NAMES
 from bpnet_jax.errors import DataError
@@ -28,6 +43,60 @@ from bpnet_jax.errors import DataError
 SpecError = DataError   # the name this module's callers use
 
 
+def _inside(path: str, root: str) -> bool:
+  """Whether normalised absolute `path` is `root` or below it (a string test, no file access)."""
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=256)
+def _real_dir(path: str) -> str:
+  # A declared directory's target, resolved once per process (decoding resolves it per sample).
+  return os.path.realpath(path)
+
+
+def resolve_inside(root: str, path, what: str, dirs: Sequence[str] = ()) -> str:
+  """The absolute, normalised path of `path` (relative to `root`); DataError if it leaves it.
+
+  `path` is accepted when it lies inside `root` both lexically ('.' and '..' collapsed, which
+  is also the path returned, so what is checked is what gets opened) and after resolving symlinks
+  (os.path.realpath), so neither a crafted name nor a symlink reaches a file elsewhere. `dirs`
+  are further directories declared for the same data (a spec's split dirs, which may be absolute
+  or symlinks themselves): a path lexically under one of them must resolve inside the most
+  specific one instead, and an absolute `path` is accepted only under one of them. `root` ''
+  means the current directory. The one-line message starts with `what` (the file and item the
+  path came from) and names the path.
+  """
+  if not isinstance(path, str) or not path or "\0" in path:
+    raise DataError(f"{what}: {path!r} is not a file path")
+  root = os.path.abspath(root or os.curdir)
+  bases = [os.path.abspath(d) for d in dirs]
+  if os.path.isabs(path):
+    full = os.path.normpath(path)
+  else:
+    full = os.path.normpath(os.path.join(root, path))
+    bases.append(root)
+  holders = [b for b in bases if _inside(full, b)]
+  if not holders:
+    why = "an absolute path" if os.path.isabs(path) else "'..' leads out of it"
+    raise DataError(f"{what} {path!r} resolves outside {root} ({why}); paths must stay inside "
+                    "the dataset's directories")
+  base = max(holders, key=len)
+  real = os.path.realpath(full)
+  if not _inside(real, _real_dir(base)):
+    raise DataError(f"{what} {path!r} resolves outside {base} (a symlink leads to {real}); "
+                    "paths must stay inside the dataset's directories")
+  return full
+
+
+def _split_dir(root: str, value: str, where: str) -> str:
+  """A spec's split path: absolute as given, or relative to the root and not leaving it."""
+  if os.path.isabs(value):
+    return os.path.normpath(value)
+  full = os.path.normpath(os.path.join(root, value))
+  if not _inside(full, os.path.normpath(root)):
+    raise SpecError(f"{where} {value!r} resolves outside the root {root} ('..' leads out of it; "
+                    "write an absolute path for a directory elsewhere)")
+  return full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +158,10 @@ def load_spec(path: str) -> DatasetSpec:
     images = need(s, "images_root_dir_path", str, key + ".")
     masks = need(s, "mask_root_dir_path", str, key + ".")
     ann = need(s, "annotation_root_dir_path", str, key + ".")
-    splits[key] = Split(os.path.join(root, images), os.path.join(root, masks),
-                        os.path.join(root, ann), images, masks)
+    where = f"{path}: '{key}."
+    splits[key] = Split(_split_dir(root, images, where + "images_root_dir_path'"),
+                        _split_dir(root, masks, where + "mask_root_dir_path'"),
+                        _split_dir(root, ann, where + "annotation_root_dir_path'"), images, masks)
   if not splits:
     raise SpecError(f"{path}: needs a 'train_data' or 'test_data' section")
   cats = need(d, "categories", list, "")

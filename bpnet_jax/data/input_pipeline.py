@@ -20,37 +20,133 @@ import threading
 from typing import Iterator, Optional, Sequence
 
 import cv2
+import grain
+import jax
+import msgpack
 import numpy as np
+from absl import flags
+from array_record.python import array_record_data_source
 
 from bpnet_jax.data import records as records_lib
+from bpnet_jax.data.dataset_spec import load_spec, resolve_inside
 from bpnet_jax.data.records import Visibility
+from bpnet_jax.errors import ConfigError, DataError
 
 log = logging.getLogger("bpnet.input")
 
 
+# Default of `dataloader.max_unreadable_fraction`: more unreadable samples than this in an
+# epoch stop training (a wrong root or a half-copied dataset, not a few bad files).
+MAX_UNREADABLE_FRACTION = 0.01
+
+# Exceptions `records.decode` raises for damaged or inconsistent record bytes.
+_RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                  msgpack.UnpackException)
+# Per person: (bytes per joint, per-person bytes besides joints) of each array field.
+_ARRAY_FIELDS = {"joints": (8, 0), "visibility": (1, 0), "centers": (0, 8), "scales": (0, 4)}
+
+
+def _with_index(index: int, data: bytes):
+  # Pairs a record with its index in the source (before shuffling), so a sample names its record.
+  return index, data
+
+
+def _record_problem(data: bytes) -> tuple:
+  """(image id or '?', what is wrong) for record bytes that `records.decode` rejected."""
+  try:
+    d = msgpack.unpackb(data, raw=False)
+  except Exception as e:  # msgpack raises several types for damaged bytes.
+    return "?", f"not a pose record ({type(e).__name__}: {e})"
+  if not isinstance(d, dict):
+    return "?", f"not a pose record (a msgpack {type(d).__name__}, not a map)"
+  iid = d.get("image_id", "?")
+  for key in ("num_people", "num_joints", *_ARRAY_FIELDS):
+    if key not in d:
+      return iid, f"field {key!r} is missing"
+  n, j = d["num_people"], d["num_joints"]
+  if not (isinstance(n, int) and isinstance(j, int) and n >= 0 and j > 0):
+    return iid, f"num_people {n!r} and num_joints {j!r} are not counts"
+  for key, (per_joint, extra) in _ARRAY_FIELDS.items():
+    v, per_person = d[key], per_joint * j + extra
+    if not isinstance(v, bytes):
+      return iid, f"field {key!r} is a {type(v).__name__}, not an array"
+    if len(v) != n * per_person:
+      return iid, (f"num_people {n} with num_joints {j} needs {n * per_person} bytes of {key}, "
+                   f"the record holds {len(v)} (arrays for {len(v) / per_person:g} people)")
+  return iid, "fields that do not fit together"
+
+
 class DecodeAndPad:
-  """Record bytes -> fixed-shape numpy sample (see `augment.preprocess_sample` for the keys)."""
+  """Record bytes, or (record index, bytes), -> one fixed-shape numpy sample.
+
+  Keys: those `augment.preprocess_sample` reads (image (Hc, Wc, 3) uint8, mask (Hc, Wc) uint8,
+  size (2,) int32, joints (P, J, 2) float32 px, visibility (P, J) uint8, centers (P, 2) float32
+  px, scales (P,) float32 px, num_people () int32, valid () uint8), plus image_id () int64 and
+  record_index () int64 (the record's index in its source; -1 when called with bare bytes).
+  valid is 0 for a sample whose image could not be read: image and mask all zero, no people,
+  and the device step gives it an all-zero loss mask; `UnreadableGuard` counts these.
+
+  A record's image_path / mask_path must resolve inside its dataset's root or a directory its
+  spec declares (`dirs`: {dataset: absolute dirs}; `dataset_spec.resolve_inside`); otherwise, or
+  when its fields do not fit together, a DataError names the record (damaged data is not skipped
+  silently: it stops training).
+  """
 
   def __init__(self, roots: dict, default_root: str, canvas_hw, max_people: int,
-               num_joints: int, skeleton_name: Optional[str] = None):
+               num_joints: int, skeleton_name: Optional[str] = None,
+               dirs: Optional[dict] = None):
     self.roots = dict(roots)
     self.default_root = default_root
     self.canvas_hw = tuple(int(v) for v in canvas_hw)
     self.max_people = int(max_people)
     self.num_joints = int(num_joints)
     self.skeleton_name = skeleton_name
+    self.dirs = {name: tuple(v) for name, v in (dirs or {}).items()}
 
   def _root(self, dataset):
     return self.roots.get(dataset, self.default_root)
 
-  def __call__(self, data: bytes) -> dict:
-    rec = records_lib.decode(data)
+  def decode(self, data: bytes, index: int = -1) -> dict:
+    """records.decode, with every inconsistency a one-line DataError naming the record."""
+    where = f"record {index}" if index >= 0 else "record"
+    try:
+      rec = records_lib.decode(data)
+    except _RECORD_ERRORS:
+      iid, problem = _record_problem(data)
+      raise DataError(f"{where} of image {iid}: {problem}; convert the data again with "
+                      "dataset_convert") from None
+    iid = rec.get("image_id", "?")
+    n = rec["num_people"]
+    if not (isinstance(n, int) and n >= 0 and rec["joints"].shape[0] == n):
+      raise DataError(f"{where} of image {iid}: num_people {n!r} does not fit its arrays")
+    for key in ("image_id", "dataset", "image_path", "mask_path"):
+      kind = int if key == "image_id" else str
+      if not isinstance(rec.get(key), kind) or isinstance(rec.get(key), bool):
+        raise DataError(f"{where} of image {iid}: field {key!r} is {rec.get(key)!r}, not "
+                        f"{'an integer' if kind is int else 'a string'}")
     if rec["num_joints"] != self.num_joints:
-      raise ValueError(f"record of image {rec['image_id']} has {rec['num_joints']} joints; the "
-                       f"config's skeleton has {self.num_joints} (convert with that skeleton)")
-    ch, cw = self.canvas_hw
+      raise DataError(f"{where} of image {iid} has {rec['num_joints']} joints; the config's "
+                      f"skeleton has {self.num_joints} (convert with that skeleton)")
+    return rec
+
+  def paths(self, rec: dict, index: int = -1) -> tuple:
+    """(image path, mask path or '') of a decoded record, each checked inside its root."""
     root = self._root(rec["dataset"])
-    path = os.path.join(root, rec["image_path"])
+    dirs = self.dirs.get(rec["dataset"], ())
+    where = f"record {index} of image {rec['image_id']}" if index >= 0 else \
+        f"record of image {rec['image_id']}"
+    image = resolve_inside(root, rec["image_path"], f"{where}: image_path", dirs)
+    mask = (resolve_inside(root, rec["mask_path"], f"{where}: mask_path", dirs)
+            if rec["mask_path"] else "")
+    return image, mask
+
+  def __call__(self, data) -> dict:
+    index = -1
+    if isinstance(data, tuple):      # (index, bytes) from `build_dataset`
+      index, data = data
+    rec = self.decode(data, index)
+    path, mpath = self.paths(rec, index)
+    ch, cw = self.canvas_hw
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     out_image = np.zeros((ch, cw, 3), np.uint8)
     out_mask = np.zeros((ch, cw), np.uint8)
@@ -59,16 +155,17 @@ class DecodeAndPad:
     vis = np.full((p, j), int(Visibility.NOT_LABELED), np.uint8)
     centers = np.zeros((p, 2), np.float32)
     scales = np.ones((p,), np.float32)
+    ids = dict(image_id=np.int64(rec["image_id"]), record_index=np.int64(index))
     if image is None:
-      # Unreadable at training time: an all-ignore sample (mask 0) adds nothing to the loss.
+      # Unreadable at training time: flagged invalid, so its loss mask is all zeros on the device
+      # and `UnreadableGuard` can stop a run where many are.
       log.warning("%s: cannot read image (record of image %s); sample ignored", path,
                   rec["image_id"])
       return dict(image=out_image, mask=out_mask, size=np.array([ch, cw], np.int32),
                   joints=joints, visibility=vis, centers=centers, scales=scales,
-                  num_people=np.int32(0), image_id=np.int64(rec["image_id"]))
+                  num_people=np.int32(0), valid=np.uint8(0), **ids)
     image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if rec["mask_path"]:
-      mpath = os.path.join(root, rec["mask_path"])
+    if mpath:
       mask = cv2.imread(mpath, cv2.IMREAD_GRAYSCALE)
       if mask is None or mask.shape != image.shape[:2]:
         log.warning("%s: mask missing or of the wrong size; using an all-valid mask", mpath)
@@ -95,7 +192,91 @@ class DecodeAndPad:
     joints[:n], vis[:n], centers[:n], scales[:n] = rj, rec["visibility"][:n], rc, rs
     return dict(image=out_image, mask=out_mask, size=np.array([h, w], np.int32), joints=joints,
                 visibility=vis, centers=centers, scales=scales, num_people=np.int32(n),
-                image_id=np.int64(rec["image_id"]))
+                valid=np.uint8(1), **ids)
+
+
+class RecordImagePaths:
+  """describe(record_index, image_id) -> the image file of that record, for error messages.
+
+  Opens the record files on first use (only when `UnreadableGuard` reports), so it costs
+  nothing while training goes well; falls back to "image <id>" when the record cannot be read.
+  """
+
+  def __init__(self, record_paths: Sequence[str], decoder: DecodeAndPad):
+    self.record_paths = list(record_paths)
+    self.decoder = decoder
+    self._source = None
+
+  def __call__(self, record_index: int, image_id: int) -> str:
+    try:
+      if self._source is None:
+        self._source = array_record_data_source.ArrayRecordDataSource(self.record_paths)
+      rec = self.decoder.decode(self._source[int(record_index)], int(record_index))
+      return self.decoder.paths(rec, int(record_index))[0]
+    except Exception:  # Only naming a file for a message: never hide the error being reported.
+      return f"image {image_id}"
+
+
+def record_image_paths(record_paths: Sequence[str], decoder: DecodeAndPad) -> RecordImagePaths:
+  return RecordImagePaths(record_paths, decoder)
+
+
+class UnreadableGuard:
+  """Stops training when more than `max_fraction` of an epoch's samples could not be read.
+
+  `update(host_batch)` takes every host batch (numpy, as `prefetch_to_device(check=...)` passes
+  it), counts samples with valid == 0, and raises a one-line DataError naming a few of their
+  files once the current epoch's count exceeds max_fraction * steps_per_epoch * batch_size.
+  Batch k after construction is training step start_step + k, in epoch
+  (start_step + k) // steps_per_epoch + 1 (1-based); a resumed run counts its epoch from the
+  resume step. batch_size is this process's share (each process guards its own samples).
+  describe(record_index, image_id) -> str names a file; it runs only when raising.
+  """
+
+  EXAMPLES = 3
+
+  def __init__(self, steps_per_epoch: int, batch_size: int,
+               max_fraction: float = MAX_UNREADABLE_FRACTION, start_step: int = 0,
+               describe=None):
+    fraction = float(max_fraction)
+    if not 0.0 <= fraction <= 1.0:     # also rejects NaN
+      raise ConfigError(f"dataloader.max_unreadable_fraction must be in [0, 1], got "
+                        f"{max_fraction!r}")
+    self.steps_per_epoch = max(1, int(steps_per_epoch))
+    self.samples_per_epoch = self.steps_per_epoch * int(batch_size)
+    self.max_fraction = fraction
+    self.start_step = int(start_step)
+    self.describe = describe or (lambda record_index, image_id: f"image {image_id}")
+    self.batches = 0
+    self.epoch = None
+    self.count = 0
+    self.examples = []    # (record_index, image_id) of the epoch's first unreadable samples
+
+  def update(self, batch: dict) -> None:
+    epoch = (self.start_step + self.batches) // self.steps_per_epoch
+    self.batches += 1
+    if epoch != self.epoch:
+      self.epoch, self.count, self.examples = epoch, 0, []
+    if "valid" not in batch:
+      return
+    bad = np.flatnonzero(np.asarray(batch["valid"]).reshape(-1) == 0)
+    if not bad.size:
+      return
+    self.count += int(bad.size)
+    ids = np.asarray(batch["image_id"]).reshape(-1)
+    idx = np.asarray(batch.get("record_index", np.full(ids.shape, -1))).reshape(-1)
+    for i in bad[:max(0, self.EXAMPLES - len(self.examples))]:
+      self.examples.append((int(idx[i]), int(ids[i])))
+    if self.count > self.max_fraction * self.samples_per_epoch:
+      raise DataError(self.message())
+
+  def message(self) -> str:
+    names = list(dict.fromkeys(self.describe(i, iid) for i, iid in self.examples))
+    return (f"{self.count} of {self.samples_per_epoch} samples in epoch {self.epoch + 1} could "
+            f"not be read (more than {100 * self.max_fraction:g}%, "
+            f"dataloader.max_unreadable_fraction), e.g. {', '.join(names)}; check "
+            "dataloader.dataset_config (root_data_path, dataset_specs) and the spec's "
+            "root_directory_path")
 
 
 def resolve_record_paths(folder: str, names: Sequence[str]) -> list[str]:
@@ -112,20 +293,30 @@ def resolve_record_paths(folder: str, names: Sequence[str]) -> list[str]:
 
 def dataset_roots(dataset_config) -> dict:
   """{dataset name: root directory} from `dataset_specs`."""
-  from bpnet_jax.data.dataset_spec import load_spec
   return {name: load_spec(path).root for name, path in dict(dataset_config.dataset_specs).items()}
+
+
+def dataset_dirs(dataset_config) -> dict:
+  """{dataset name: the directories its spec declares (every split's images and masks dir)}.
+
+  Record paths may lead into these even where they are absolute or symlinks out of the root.
+  """
+  out = {}
+  for name, path in dict(dataset_config.dataset_specs).items():
+    spec = load_spec(path)
+    out[name] = tuple(d for split in spec.splits.values() for d in (split.images_dir,
+                                                                    split.masks_dir))
+  return out
 
 
 def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, seed: int,
                   shuffle_buffer_size: int, process_index: int = 0, process_count: int = 1,
                   shuffle: bool = True, repeat: bool = True):
   """grain MapDataset of decoded, padded samples (this process's share, shuffled, repeated)."""
-  import grain
-  from array_record.python import array_record_data_source
   source = array_record_data_source.ArrayRecordDataSource(list(record_paths))
   if len(source) == 0:
     raise ValueError(f"record files {list(record_paths)} hold no records")
-  ds = grain.MapDataset.source(source)
+  ds = grain.MapDataset.source(source).map_with_index(_with_index)
   if shuffle and shuffle_buffer_size > 0:
     if shuffle_buffer_size >= len(source):
       ds = ds.shuffle(seed=seed)
@@ -148,7 +339,6 @@ def auto_num_workers(platform: Optional[str] = None, cores: Optional[int] = None
   slower than decoding in the main process, so none.
   """
   if platform is None:
-    import jax
     platform = jax.default_backend()
   if cores is None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -164,10 +354,8 @@ def make_iterator(ds, batch_size: int, num_workers: int = 0, state: Optional[dic
   single samples between processes is cheaper than moving whole batches. num_workers=-1: see
   `auto_num_workers`.
   """
-  import grain
   if num_workers < 0:
     num_workers = auto_num_workers()
-  from absl import flags
   if not flags.FLAGS.is_parsed():   # grain reads absl flags; library users may not parse any.
     flags.FLAGS.mark_as_parsed()
   it_ds = ds.to_iter_dataset()
@@ -183,7 +371,22 @@ def make_iterator(ds, batch_size: int, num_workers: int = 0, state: Optional[dic
 def decoder_from_config(config, skeleton) -> DecodeAndPad:
   d = config.dataloader
   return DecodeAndPad(dataset_roots(d.dataset_config), d.dataset_config.root_data_path,
-                      tuple(d.max_image_size), d.max_people, skeleton.num_joints, skeleton.name)
+                      tuple(d.max_image_size), d.max_people, skeleton.num_joints, skeleton.name,
+                      dirs=dataset_dirs(d.dataset_config))
+
+
+def unreadable_guard_from_config(config, skeleton, steps_per_epoch: int, batch_size: int,
+                                 start_step: int = 0) -> UnreadableGuard:
+  """The training records' `UnreadableGuard`, with `dataloader.max_unreadable_fraction`.
+
+  batch_size: this process's batch (the host batch the guard sees).
+  """
+  d = config.dataloader
+  fraction = d.get("max_unreadable_fraction", MAX_UNREADABLE_FRACTION)
+  paths = resolve_record_paths(d.dataset_config.train_records_folder_path,
+                               d.dataset_config.train_records_path)
+  return UnreadableGuard(steps_per_epoch, batch_size, fraction, start_step,
+                         RecordImagePaths(paths, decoder_from_config(config, skeleton)))
 
 
 def train_dataset_from_config(config, skeleton, process_index: int = 0, process_count: int = 1):
@@ -198,14 +401,16 @@ def train_dataset_from_config(config, skeleton, process_index: int = 0, process_
                        d.shuffle_buffer_size, process_index, process_count)
 
 
-def prefetch_to_device(iterator: Iterator, size: int = 2, put=None):
+def prefetch_to_device(iterator: Iterator, size: int = 2, put=None, check=None):
   """Yields (device batch, iterator state after it), `size` batches ahead.
 
   A background thread pulls host batches and calls `jax.device_put` (asynchronous), so the
   accelerator's next batch is in flight while the current step runs. The state paired with each
   batch is what a checkpoint taken after consuming that batch must store (the thread runs ahead).
+  check(host batch), if given, runs on each host batch before its transfer (e.g.
+  `UnreadableGuard.update`); an exception from it, or from the iterator, is raised unchanged
+  (same type) in the consumer at that batch's turn, after the batches before it.
   """
-  import jax
   queue = collections.deque()
   lock = threading.Condition()
   done = object()
@@ -215,6 +420,8 @@ def prefetch_to_device(iterator: Iterator, size: int = 2, put=None):
   def worker():
     try:
       for batch in iterator:
+        if check is not None:
+          check(batch)
         item = (put(batch), iterator.get_state())
         with lock:
           while len(queue) >= size:

@@ -16,11 +16,14 @@ grain's index-shuffled, checkpointable pipeline needs. A record holds:
 from __future__ import annotations
 
 import enum
-import os
 from typing import Iterable, Sequence
 
 import msgpack
 import numpy as np
+from array_record.python import array_record_data_source, array_record_module
+
+from bpnet_jax import fileio
+from bpnet_jax.errors import DataError
 
 
 class Visibility(enum.IntEnum):
@@ -67,26 +70,41 @@ def write_records(path: str, records: Iterable[dict], encode_fn=None) -> int:
   other models' records (e.g. DetectNet_v2's) pass their own.
   """
   encode_fn = encode_fn or encode
-  from array_record.python import array_record_module
-  tmp = path + ".tmp"
-  # group_size:1 makes every record individually seekable (true random access).
-  writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
   n = 0
-  try:
-    for rec in records:
-      writer.write(encode_fn(rec))
-      n += 1
-  finally:
-    writer.close()
-  os.replace(tmp, path)
+  with fileio.atomic_path(path) as tmp:
+    # group_size:1 makes every record individually seekable (true random access).
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    try:
+      for rec in records:
+        writer.write(encode_fn(rec))
+        n += 1
+    finally:
+      writer.close()
   return n
+
+
+def open_source(paths: Sequence[str]):
+  """A random-access ArrayRecord source over `paths`; DataError naming the first file that is
+  missing, truncated or not an ArrayRecord file (instead of the reader's own exception)."""
+  paths = list(paths)
+  try:
+    return array_record_data_source.ArrayRecordDataSource(paths)
+  except Exception:  # The reader raises several types; find which file it was, in one line.
+    pass
+  for path in paths:
+    try:
+      array_record_data_source.ArrayRecordDataSource([path])
+    except Exception as e:
+      reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+      raise DataError(f"{path}: not a readable record file ({reason}); convert the data again "
+                      "with dataset_convert") from None
+  raise DataError(f"record files {paths} cannot be opened together")
 
 
 def read_records(paths: Sequence[str], decode_fn=None) -> list[dict]:
   """All records of the given files, decoded (for tests and small tools)."""
   decode_fn = decode_fn or decode
-  from array_record.python import array_record_data_source
-  src = array_record_data_source.ArrayRecordDataSource(list(paths))
+  src = open_source(paths)
   return [decode_fn(src[i]) for i in range(len(src))]
 
 

@@ -26,6 +26,7 @@ import sys
 
 import cv2
 import numpy as np
+import tqdm
 
 from bpnet_jax.data.dataset_spec import COCO_KEYPOINTS, coco_spec_dict
 
@@ -192,7 +193,7 @@ def make_image(rng: np.random.Generator, width: int, height: int, image_id: int,
     visible_masks[i] = (masks[i] > 0) & ~later
     later |= masks[i] > 0
   aid = ann_id_start
-  for i, (pts, ph, labelled) in enumerate(people):
+  for i, (pts, _, labelled) in enumerate(people):
     vis_mask = visible_masks[i]
     area = int(vis_mask.sum())
     if area < 4:
@@ -255,8 +256,7 @@ def make_synthetic(out: str, num_images: int, seed: int = 0, width: int = 320,
             "test": range(num_images - num_test, num_images)}
   categories = coco_spec_dict("", None, None)["categories"]
   counts = {}
-  from tqdm import tqdm
-  bar = tqdm(total=num_images, desc="synthetic", unit="img", file=sys.stderr, leave=False,
+  bar = tqdm.tqdm(total=num_images, desc="synthetic", unit="img", file=sys.stderr, leave=False,
              disable=not progress)
   for split, ids in splits.items():
     if not len(ids):

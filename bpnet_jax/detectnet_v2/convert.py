@@ -86,6 +86,7 @@ import re
 import struct
 from typing import Mapping, Optional, Sequence
 
+import cv2
 import numpy as np
 
 from bpnet_jax import fileio
@@ -464,7 +465,6 @@ def image_size(path: str) -> tuple[int, int]:
     raise DataError(f"{path}: image not found") from None
   except OSError as e:
     raise DataError(f"{path}: cannot read the image ({e})") from None
-  import cv2
   img = cv2.imread(path, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
   if img is None:
     raise DataError(f"{path}: not a readable image")
@@ -621,6 +621,8 @@ class SampleModifier:
 # Writing (shared by both formats).
 
 def _class_vocabulary(recs_by_fold, mapping: Mapping[str, str], default_names) -> list[str]:
+  """The records' class_names: the mapping's targets in order, else default_names sorted, else
+  the sorted names of all objects that are not don't-care."""
   if mapping:
     return list(dict.fromkeys(mapping.values()))
   if default_names is not None:
@@ -796,13 +798,7 @@ def _posix_join(a: str, b: str) -> str:
 
 
 def _read_sequence_file(path: str) -> dict:
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except FileNotFoundError:
-    raise DataError(f"{path}: kitti_sequence_to_frames_file not found") from None
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from None
+  d = fileio.read_json(path, "kitti_sequence_to_frames_file")
   if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
     raise DataError(f"{path}: expected an object {{sequence name: [frame ids]}}")
   return d
@@ -812,13 +808,7 @@ def _read_sequence_file(path: str) -> dict:
 # COCO.
 
 def _load_coco(path: str) -> dict:
-  try:
-    with open(path) as f:
-      d = json.load(f)
-  except FileNotFoundError:
-    raise DataError(f"{path}: annotation file not found") from None
-  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from None
+  d = fileio.read_json(path, "COCO annotation file")
   if not isinstance(d, dict):
     raise DataError(f"{path}: expected a COCO object with images, annotations and categories")
   for key in ("images", "annotations", "categories"):
@@ -854,7 +844,7 @@ def convert_coco(spec: Mapping, output_prefix: str, overwrite: bool = False,
 
   warnings, class_map, skipped = {}, {}, collections.Counter()
   recs_by_fold, cat_ids, categories = [], None, {}
-  for p, (img_dir, ann_name) in enumerate(zip(dirs, files)):
+  for img_dir, ann_name in zip(dirs, files):
     path = os.path.join(root, ann_name)
     d = _load_coco(path)
     cats = {}

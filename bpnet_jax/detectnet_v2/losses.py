@@ -26,9 +26,9 @@ renormalisation after the clip; if sum_o u_o = 0 the old weights stay; the accum
 Disabled: the weights stay at their normalised initial values.
 
 Differences from the original
-  - Q24 kept: BCE on the sigmoid output with +1e-5 inside the logs, always computed in float32
+  - Kept: BCE on the sigmoid output with +1e-5 inside the logs, always computed in float32
     (predictions are cast up, so bf16 compute does not change the cost).
-  - Q22: the epoch boundary is decided from the global step (`auto_weight_step`), so a resumed
+  - Fixed: the epoch boundary is decided from the global step (`auto_weight_step`), so a resumed
     run updates at the same steps as an uninterrupted one (the original counted steps since
     process start); the clip-without-renormalisation rule is kept. The accumulator is in the
     state, so a mid-epoch checkpoint resumes exactly.

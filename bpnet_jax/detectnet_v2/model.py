@@ -207,7 +207,8 @@ def resolved_widths(net: "DetectNetV2", spec: tuple) -> dict:
       widths[layer.name] = widths[layer.tie]
       if overrides.get(layer.name, widths[layer.name]) != widths[layer.name]:
         raise ConfigError(f"model.layer_widths.{layer.name}: its output is added to "
-                          f"{layer.tie}'s, so it must have {widths[layer.tie]} filters")
+                          f"{layer.tie}'s; set the width of {layer.tie} (now "
+                          f"{widths[layer.tie]}), which its residual group follows")
     else:
       widths[layer.name] = overrides.get(layer.name, layer.width)
   return widths
@@ -270,11 +271,11 @@ def _get(model_config, key: str):
 def _freeze_blocks(model_config, arch: str) -> tuple:
   blocks = _get(model_config, "freeze_blocks")
   valid = range(0, 5) if arch == "resnet" else range(1, 6)
-  ids = tuple(sorted(set(blocks))) if isinstance(blocks, (list, tuple)) else ("?",)
-  if any(isinstance(b, bool) or not isinstance(b, int) or b not in valid for b in ids):
-    raise ConfigError(f"model.freeze_blocks: {blocks!r} invalid for {arch}; expected "
-                      f"block ids in {valid.start}..{valid.stop - 1}")
-  return ids
+  if not isinstance(blocks, (list, tuple)) or any(
+      isinstance(b, bool) or not isinstance(b, int) or b not in valid for b in blocks):
+    raise ConfigError(f"model.freeze_blocks: {blocks!r} invalid for {arch}; expected a list "
+                      f"of block ids in {valid.start}..{valid.stop - 1}")
+  return tuple(sorted(set(blocks)))
 
 
 def build_model(model_config, num_classes: int,

@@ -12,11 +12,11 @@ patch of tiny distant objects near the horizon, labelled as one region.
 Labels are KITTI's 15 fields per object: type (capitalised as in KITTI, so the converter's
 lower-casing is exercised), truncation = fraction of the object's drawn pixels outside the image,
 occlusion = 0 (>= 90% of its in-image pixels visible), 1 (>= 50%), 2 (>= 10%; objects less visible
-than that get no label), alpha, the box (left, top, right, bottom: the tight extent of the object's
-drawn pixels inside the image, occluded ones included like KITTI's boxes; x2 = last column + 1, in
-continuous pixel coordinates), a plausible 3-D size (m), location (m, a pinhole camera with focal
-length = image width) and rotation_y. DontCare lines use KITTI's values: -1 -1 -10 <box> -1 -1 -1
--1000 -1000 -1000 -10.
+than that, and slivers under 2 px at the border, get no label), alpha, the box (left, top, right,
+bottom: the tight extent of the object's drawn pixels inside the image, occluded ones included like
+KITTI's boxes; x2 = last column + 1, in continuous pixel coordinates), a plausible 3-D size (m),
+location (m, a pinhole camera with focal length = image width) and rotation_y. DontCare lines use
+KITTI's values: -1 -1 -10 <box> -1 -1 -1 -1000 -1000 -1000 -10.
 
 Output (deterministic from the seed: the same seed gives the same bytes):
   DIR/images/NNNNNN.png (or .jpg)   8-bit BGR
@@ -219,6 +219,8 @@ def make_scene(rng: np.random.Generator, width: int, height: int):
     ys, xs = np.nonzero(m)         # in-image extent, hidden parts included (as KITTI's boxes)
     box = (float(ix0 + xs.min()), float(iy0 + ys.min()), float(ix0 + xs.max() + 1),
            float(iy0 + ys.max() + 1))
+    if box[2] - box[0] < 2 or box[3] - box[1] < 2:   # a sliver at the border: nothing to learn
+      continue
     occ = 0 if vis >= 0.9 else 1 if vis >= 0.5 else 2
     trunc = 1.0 - inside / total
     dims = tuple(float(d * rng.uniform(0.9, 1.1)) for d in SIZE_3D[cls])

@@ -54,8 +54,8 @@ Differences from the original
     ported); off by default, so targets equal the original's.
   - The half-cell asymmetry is kept: coverage of cell (r, c) integrates its whole square while
     the regression reference point is its top-left corner + offset (the decoder agrees).
-  - Q7 (boxes not clipped after augmentation) is not handled here: targets are built for the boxes
-    given; clipping and the min-size filter belong to the augmentation step.
+  - Boxes left unclipped after augmentation (an original quirk) are not handled here: targets are
+    built for the boxes given; clipping and the min-size filter belong to the augmentation step.
 """
 
 from __future__ import annotations

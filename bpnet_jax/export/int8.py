@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import struct
 import tempfile
 from typing import Sequence
@@ -22,7 +23,6 @@ import numpy as np
 from bpnet_jax import fileio
 from bpnet_jax.errors import ExportError, InferenceError
 from bpnet_jax.inference.preprocess import IMAGE_EXTENSIONS, pad_value, preprocess, read_image
-
 
 CALIBRATION_METHODS = ("entropy", "percentile", "minmax")
 TRT_CACHE_VERSION = "8601"   # header of caches written without TensorRT installed (TRT 8.6)
@@ -54,14 +54,21 @@ def calibration_data(image_dir: str, input_dims: Sequence[int], batches: int, ba
   return out
 
 
-def load_or_make_calibration_data(cal_data_file: str | None, make) -> np.ndarray:
+def load_or_make_calibration_data(cal_data_file: str | None, make,
+                                  input_dims: Sequence[int] | None = None) -> np.ndarray:
   """The calibration tensor from cal_data_file (.npy) if present, else make() saved there."""
   if cal_data_file and os.path.exists(cal_data_file):
     try:
-      return np.load(cal_data_file)
+      data = np.load(cal_data_file)
     except (OSError, ValueError) as e:
       raise ExportError(f"--cal_data_file {cal_data_file}: not a calibration tensor file ({e})"
                         ) from None
+    want = f"(N, {input_dims[0]}, {input_dims[1]}, 3)" if input_dims else "(N, H, W, 3)"
+    if (data.ndim != 4 or data.shape[-1] != 3 or len(data) == 0
+        or (input_dims and tuple(data.shape[1:3]) != tuple(input_dims))):
+      raise ExportError(f"--cal_data_file {cal_data_file}: shape {data.shape}, expected {want} "
+                        "normalised images at the export size")
+    return data.astype(np.float32, copy=False)
   data = make()
   if cal_data_file:
     with fileio.atomic_path(cal_data_file) as tmp, open(tmp, "wb") as f:
@@ -78,7 +85,7 @@ def int8_calibration(config, image_dir: str | None, input_dims: Sequence[int], b
   make = lambda: calibration_data(image_dir, input_dims, batches, batch_size,
                                   pad_value(n.image_scale, n.image_offset), n.image_scale,
                                   n.image_offset)
-  return {"data": lambda: load_or_make_calibration_data(data_file, make),
+  return {"data": lambda: load_or_make_calibration_data(data_file, make, input_dims),
           "batch_size": batch_size, "method": method, "cache_file": cache_file}
 
 
@@ -179,7 +186,7 @@ def quantize_qdq(base_path: str, out_path: str, ranges: dict, method: str) -> No
                         activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                         calibrate_method=_ort_method(method), calibration_cache_path=cache,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
-    os.replace(os.path.join(tmp, "int8.onnx"), out_path)
+    shutil.move(os.path.join(tmp, "int8.onnx"), out_path)
 
 
 def quantize_model(proto, out_path, calibration, overwrite):
@@ -211,8 +218,8 @@ def quantize_model(proto, out_path, calibration, overwrite):
         write_trt_cache(cache, ranges)
     q8 = os.path.join(tmp, "int8.onnx")
     quantize_qdq(folded, q8, ranges, method)
-    os.replace(folded, base + ".tmp")
-    os.replace(base + ".tmp", base)
+    with fileio.atomic_path(base) as tmp_base:
+      shutil.move(folded, tmp_base)
     proto8 = onnx.load(q8)
   return proto8, {"calibration": source, "method": method, "tensors": len(ranges),
                   "cache_file": os.path.abspath(cache) if cache else None,

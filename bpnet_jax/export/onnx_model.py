@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpnet_jax import config as config_lib
 from bpnet_jax import checkpoint as checkpoint_lib
+from bpnet_jax import config as config_lib
 from bpnet_jax import fileio
 from bpnet_jax import model as model_lib
 from bpnet_jax.data import synthetic

@@ -7,6 +7,8 @@ import os
 from typing import Sequence
 
 from bpnet_jax import checkpoint as checkpoint_lib
+from bpnet_jax import config as config_lib
+from bpnet_jax import fileio
 from bpnet_jax import model as model_lib
 from bpnet_jax.errors import ExportError
 from bpnet_jax.export import int8, onnx_model, runtimes
@@ -52,4 +54,7 @@ def export_model(model_path: str, output_file: str, *, config=None, data_type: s
   if engine_file:
     report["engine"] = runtimes.build_engine(output_file, engine_file, data_type, input_dims,
                                              max_batch_size, max_workspace_size, overwrite)
+    # The engine describes itself like the ONNX model it was built from.
+    fileio.write_text(os.path.splitext(engine_file)[0] + ".config.json", config_lib.to_json(
+        checkpoint_lib.with_skeleton(config)))
   return report

@@ -19,7 +19,6 @@ from bpnet_jax.inference.preprocess import merge_maps
 from bpnet_jax.skeleton import Skeleton
 
 
-
 class JaxBackend:
   """A Flax model and its variables; one jitted function per input shape (and scale set)."""
 

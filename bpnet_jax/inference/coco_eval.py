@@ -22,9 +22,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bpnet_jax import fileio
+from bpnet_jax.errors import DataError
 from bpnet_jax.inference import detections
 from bpnet_jax.inference.preprocess import read_image
-
 from bpnet_jax.skeleton import Skeleton
 
 METRICS = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
@@ -91,6 +91,20 @@ def write_results(results_dir: str, metrics: dict, results: list[dict]) -> None:
   put("results.csv", "\n".join(rows) + "\n")
 
 
+def load_coco(path: str) -> COCO:
+  """pycocotools' COCO of an annotation file; DataError naming the file if it is missing, not
+  JSON, or not COCO-shaped."""
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):      # pycocotools prints progress
+      return COCO(path)
+  except FileNotFoundError:
+    raise DataError(f"{path}: annotation file not found") from None
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  except (KeyError, TypeError, AssertionError, AttributeError) as e:
+    raise DataError(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
+
+
 def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: str,
                      progress: bool = True, verbose: bool = True, batch_size: int = 1) -> dict:
   """Runs `predictor` on every image of a COCO keypoint annotation file and evaluates.
@@ -98,8 +112,7 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   Unreadable images are skipped and counted (their people count as missed). Returns
   {"metrics", "images", "skipped", "people"}.
   """
-  with contextlib.redirect_stdout(io.StringIO()):
-    gt = COCO(annotations)
+  gt = load_coco(annotations)
   ids = sorted(gt.getImgIds())
   paths = {i: os.path.join(images_dir, gt.imgs[i]["file_name"]) for i in ids}
   people_by_image, skipped = {}, []

@@ -13,7 +13,6 @@ detection.json (written atomically) holds:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -44,13 +43,7 @@ def list_inputs(input_type: str, path: str, image_root: str | None = None) -> li
     return sorted(os.path.join(path, f) for f in os.listdir(path)
                   if f.lower().endswith(IMAGE_EXTENSIONS))
   if input_type == "json":
-    try:
-      with open(path) as f:
-        data = json.load(f)
-    except FileNotFoundError:
-      raise InferenceError(f"--input {path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-      raise InferenceError(f"--input {path}: not valid JSON ({e})") from None
+    data = fileio.read_json(path, "JSON list of images", InferenceError)
     entries = data.get("images") if isinstance(data, dict) else data
     if not isinstance(entries, list):
       raise InferenceError(f"--input {path}: expected a list of image paths or an object with "
@@ -87,21 +80,22 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
   if dump_visualizations:
     os.makedirs(viz_dir, exist_ok=True)
   images, skipped, used_names = [], [], set()
-  shapes = {}
+  loaded = {}           # by position: a path may be listed twice
 
-  def load(path):
-    image = read_image(path)
-    shapes[path] = image
-    return image
+  def load(index):
+    loaded[index] = read_image(paths[index])
+    return loaded[index]
 
   bar = progress_bar(len(paths), progress)
-  for path, people, err in predictor.predict_iter(paths, load=load, batch_size=batch_size):
+  for index, people, err in predictor.predict_iter(range(len(paths)), load=load,
+                                                   batch_size=batch_size):
     bar.update(1)
+    path = paths[index]
     if err is not None:
       skipped.append({"file": path, "error": str(err)})
       bar.write(f"warning: skipped {err}")
       continue
-    image = shapes.pop(path)
+    image = loaded.pop(index)
     entry = {"file": path, "width": int(image.shape[1]), "height": int(image.shape[0]),
              "people": people_to_json(people, predictor.skeleton)}
     if dump_visualizations:
@@ -115,6 +109,9 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
       entry["visualization"] = os.path.join("images_annotated", name + ".png")
     images.append(entry)
   bar.close()
+  if not images and skipped:
+    raise InferenceError(f"none of the {len(paths)} inputs could be read (e.g. "
+                         f"{skipped[0]['error']})")
   result = {
       "format": FORMAT, "model": predictor.name, "skeleton": predictor.skeleton.to_json(),
       "inference": predictor.config.inference.to_dict(), "images": images, "skipped": skipped,

@@ -30,20 +30,25 @@ from bpnet_jax import model as model_lib
 from bpnet_jax.errors import InferenceError
 from bpnet_jax.inference import postprocess
 from bpnet_jax.inference.backends import JaxBackend, OnnxBackend, TensorRTBackend
-from bpnet_jax.inference.preprocess import (merge_maps_jit, merge_params, pad_value, preprocess,
-                                            read_image)
+from bpnet_jax.inference.preprocess import (
+  merge_maps_jit,
+  merge_params,
+  pad_value,
+  preprocess,
+  read_image,
+)
 from bpnet_jax.model import OUTPUT_STRIDE
 from bpnet_jax.skeleton import Skeleton, skeleton_from_config
 
 log = logging.getLogger(__name__)
-EXPORTED_MODEL_CONFIG = "config.json"
+EXPORTED_SUFFIXES = (".onnx", ".engine", ".trt", ".plan")
 
 
 
 class Predictor:
   """People from RGB images, with a model and `config.inference` settings.
 
-    p = Predictor.from_path(config, "workdir")          # checkpoint dir, .onnx or .engine
+    p = Predictor.from_path("workdir")                  # model dir, .onnx or .engine
     people = p.predict(rgb)                             # [{"keypoints": (J,3), "score": s}]
     for item, people in p.predict_iter(paths, load=read_image): ...
 
@@ -105,7 +110,7 @@ class Predictor:
     if not os.path.exists(path):
       raise InferenceError(f"{path}: no such model (expected a training workdir or checkpoint "
                            "directory, an .onnx model or a TensorRT .engine)")
-    if path.endswith((".onnx", ".engine", ".trt", ".plan")):
+    if path.endswith(EXPORTED_SUFFIXES):
       config = exported_model_config(path, config)
       skeleton = skeleton_from_config(config)
       n = config.dataloader.normalization_params

@@ -8,8 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bpnet_jax.detectnet_v2 import convert
-from bpnet_jax.detectnet_v2 import records
+from bpnet_jax.detectnet_v2 import convert, records
 from bpnet_jax.errors import DataError
 
 # ---------------------------------------------------------------------------------------------

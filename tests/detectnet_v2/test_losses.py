@@ -35,6 +35,9 @@ def _targets(cov, bbox, cov_norm, mask=None):
           "loss_mask": np.ones_like(cov) if mask is None else np.asarray(mask, np.float32)}
 
 
+_loss = jax.jit(L.detection_loss)
+
+
 def _one_class_weights(w_fg=0.05):
   return {"class_weights": np.ones(1, np.float32), "foreground_weights": np.full(1, w_fg),
           "objective_weights": np.ones((1, 2), np.float32)}
@@ -45,7 +48,7 @@ def test_coverage_bce_by_hand():
   t = np.array([1.0, 0.0, 0.5, 0.75], np.float32).reshape(1, 1, 4, 1)
   p = np.array([0.8, 0.3, 0.6, 0.9], np.float32).reshape(1, 1, 4, 1)
   z = np.zeros((1, 1, 4, 4), np.float32)
-  _, terms = L.detection_loss(p, z, _targets(t, z, np.zeros_like(t)), _one_class_weights())
+  _, terms = _loss(p, z, _targets(t, z, np.zeros_like(t)), _one_class_weights())
   e = 1e-5
   bce = [-math.log(0.8 + e),
          -math.log(1 - 0.3 + e),
@@ -63,7 +66,7 @@ def test_foreground_weight_applies_to_foreground():
   z = np.zeros((1, 1, 2, 4), np.float32)
   costs = []
   for w_fg in (0.05, 0.5):
-    _, terms = L.detection_loss(p, z, _targets(t, z, np.zeros_like(t)), _one_class_weights(w_fg))
+    _, terms = _loss(p, z, _targets(t, z, np.zeros_like(t)), _one_class_weights(w_fg))
     costs.append(float(terms["cov_cost"][0]))
   b = -math.log(0.5 + 1e-5)
   np.testing.assert_allclose(costs, [(0.05 * b + 0.95 * b) / 2, b / 2], rtol=1e-6)
@@ -75,7 +78,7 @@ def test_bbox_l1_by_hand():
   bbox_t = np.array([[1, 2, 3, 4], [0, 0, 0, 0]], np.float32).reshape(1, 1, 2, 4)
   bbox_p = np.array([[1.5, 2, 2, 4], [9, 9, 9, 9]], np.float32).reshape(1, 1, 2, 4)
   norm = np.array([0.2, 0.0], np.float32).reshape(1, 1, 2, 1)
-  _, terms = L.detection_loss(np.zeros_like(t), bbox_p, _targets(t, bbox_t, norm),
+  _, terms = _loss(np.zeros_like(t), bbox_p, _targets(t, bbox_t, norm),
                               _one_class_weights())
   np.testing.assert_allclose(terms["bbox_cost"], [0.2 * 1.5 / 8], rtol=1e-6)
 
@@ -105,7 +108,7 @@ def test_total_is_weighted_sum():
   norm = t * 0.1
   mask = (rng.uniform(size=(b, h, w, c)) > 0.2).astype(np.float32)
   weights = L.make_loss_weights(_cat_dog_config())
-  total, terms = jax.jit(L.detection_loss)(p, bp, _targets(t, bt, norm, mask), weights)
+  total, terms = _loss(p, bp, _targets(t, bt, norm, mask), weights)
   # Independent numpy reference.
   fg = np.array([0.9, 0.5])
   wt = np.where(t > 0.5, fg, 1 - fg)
@@ -119,9 +122,9 @@ def test_total_is_weighted_sum():
   np.testing.assert_allclose(terms["task_cost"], total)
   # Source weights scale whole frames.
   tg = dict(_targets(t, bt, norm, mask), source_weight=np.array([0.0, 2.0], np.float32))
-  _, terms2 = L.detection_loss(p, bp, tg, weights)
+  _, terms2 = _loss(p, bp, tg, weights)
   only1 = _targets(t, bt, norm, mask * np.array([0.0, 2.0]).reshape(2, 1, 1, 1))
-  _, terms3 = L.detection_loss(p, bp, only1, weights)
+  _, terms3 = _loss(p, bp, only1, weights)
   np.testing.assert_allclose(terms2["objective_costs"], terms3["objective_costs"], rtol=1e-6)
 
 
@@ -135,14 +138,14 @@ def test_masked_cell_contributes_exactly_zero():
   mask[0, 1, 1, :] = 0.0
   targets = _targets(t, bt, np.full_like(t, 0.3), mask)
   weights = L.make_loss_weights(_cat_dog_config())
-  base, _ = L.detection_loss(p, bp, targets, weights)
+  base, _ = _loss(p, bp, targets, weights)
   p2, bp2 = p.copy(), bp.copy()
   p2[0, 1, 1, :] = [0.0, 1.0]      # extreme values: 1e-5 keeps the logs finite
   bp2[0, 1, 1, :] = 1e6
-  other, _ = L.detection_loss(p2, bp2, targets, weights)
+  other, _ = _loss(p2, bp2, targets, weights)
   assert float(other) == float(base)
-  g_cov, g_box = jax.grad(lambda a, b: L.detection_loss(a, b, targets, weights)[0],
-                          argnums=(0, 1))(p, bp)
+  g_cov, g_box = jax.jit(jax.grad(lambda a, b: L.detection_loss(a, b, targets, weights)[0],
+                                  argnums=(0, 1)))(p, bp)
   assert not np.asarray(g_cov)[0, 1, 1].any() and not np.asarray(g_box)[0, 1, 1].any()
   assert np.asarray(g_cov).any() and np.asarray(g_box).any()
 
@@ -150,10 +153,10 @@ def test_masked_cell_contributes_exactly_zero():
 def test_bf16_predictions_cost_in_float32():
   t = np.ones((1, 1, 1, 1), np.float32)
   z = np.zeros((1, 1, 1, 4), np.float32)
-  _, terms = L.detection_loss(jnp.ones((1, 1, 1, 1), jnp.bfloat16), z.astype(jnp.bfloat16),
-                              _targets(t, z, np.zeros_like(t)), _one_class_weights())
+  _, terms = _loss(jnp.full((1, 1, 1, 1), 0.25, jnp.bfloat16), z.astype(jnp.bfloat16),
+                   _targets(t, z, np.zeros_like(t)), _one_class_weights())
   assert terms["cov_cost"].dtype == jnp.float32
-  np.testing.assert_allclose(terms["cov_cost"], [-0.05 * math.log(1 + 1e-5)], rtol=1e-3)
+  np.testing.assert_allclose(terms["cov_cost"], [-0.05 * math.log(0.25 + 1e-5)], rtol=1e-6)
 
 
 # --- auto-weighting ------------------------------------------------------------------------
@@ -211,8 +214,8 @@ def test_autoweighting_over_epochs():
 
   @jax.jit
   def step(state, p, bp, k):
-    total, terms = L.detection_loss(p, bp, targets, dict(weights,
-                                                         objective_weights=state.objective_weights))
+    w = dict(weights, objective_weights=state.objective_weights)
+    total, terms = L.detection_loss(p, bp, targets, w)
     return L.auto_weight_step(state, terms["objective_costs"], k, 2), total
 
   ref_w = np.array([[0.8, 0.2], [0.25, 0.75]])

@@ -1,4 +1,4 @@
-"""DetectNet_v2 clustering: the original's unit-test cases (DBSCAN, NMS, HYBRID), config checks."""
+"""DetectNet_v2 clustering: the original's test cases (DBSCAN, NMS, HYBRID), config checks."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_border_point_joins_first_cluster_like_sklearn():
 
 def test_dbscan_matches_bruteforce_sklearn_semantics():
   rng = np.random.default_rng(0)
-  for trial in range(20):
+  for _ in range(20):
     n = int(rng.integers(1, 60))
     centres = rng.uniform(0, 200, (3, 2))
     c = centres[rng.integers(0, 3, n)] + rng.normal(0, 4, (n, 2))
@@ -171,6 +171,38 @@ def test_dbscan_matches_bruteforce_sklearn_semantics():
     eps = float(rng.uniform(0.05, 0.5))
     np.testing.assert_array_equal(pp.dbscan_labels(boxes, w, eps), _bruteforce_dbscan(boxes, w,
                                                                                      eps))
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.15, 0.3, 0.6])
+def test_float32_neighbours_equal_float64_near_threshold(eps):
+  """dbscan_neighbours works in float32 with a float64 recheck band: pairs engineered to sit
+  within 1e-12..1e-3 of the threshold, far from the origin, and thin boxes must all come out
+  as the float64 formula says."""
+  rng = np.random.default_rng(int(eps * 100))
+  tau = 1.0 - eps
+  boxes = []
+  for delta in (0.0, 1e-12, -1e-12, 1e-9, -1e-9, 1e-7, -1e-7, 1e-5, -1e-5, 1e-3, -1e-3):
+    x, y = rng.uniform(0, 4000, 2)
+    w, h = rng.uniform(1, 300, 2)
+    boxes.append((x, y, x + w, y + h))
+    boxes.append((x, y, x + w, y + h / tau * (1.0 + delta)))    # IoU ~ tau (1 - delta)
+  for _ in range(6):                                            # thin and tiny boxes
+    x, y = rng.uniform(0, 2000, 2)
+    boxes.append((x, y, x + rng.uniform(0, 1.5), y + rng.uniform(0, 40)))
+    boxes.append((x, y, x, y + 10.0))                           # zero area
+  boxes = np.asarray(boxes)
+  got = pp.dbscan_neighbours(boxes, eps)
+  n = len(boxes)
+  want = np.zeros((n, n), bool)
+  for i in range(n):
+    for j in range(n):
+      a, b = boxes[i], boxes[j]
+      iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+      ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+      inter = iw * ih
+      union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter + 1e-5
+      want[i, j] = 1.0 - inter / union <= eps
+  np.testing.assert_array_equal(got, want)
 
 
 def _bruteforce_dbscan(boxes, w, eps, min_mass=1.0):
@@ -320,17 +352,23 @@ def test_candidate_decoding_is_inverse_of_encoding_and_clips():
 
 
 def test_matches_targets_decode_boxes_if_available():
+  """Candidate decoding here (NumPy, float64, thresholded cells only) equals the training-side
+  inverse of the box encoding in targets.py."""
   targets = pytest.importorskip("bpnet_jax.detectnet_v2.targets")
   if not hasattr(targets, "decode_boxes"):
     pytest.skip("targets.decode_boxes not available")
   rng = np.random.default_rng(1)
-  bbox = rng.normal(0, 1, (6, 5, 4)).astype(np.float32)
+  h, w = 6, 5
+  bbox = rng.normal(0, 1, (h, w, 4)).astype(np.float32)
+  r, c = np.mgrid[0:h, 0:w]
+  points = np.stack([STRIDE * c + OFFSET, STRIDE * r + OFFSET], -1).astype(np.float32)
   try:
-    ref = np.asarray(targets.decode_boxes(bbox[None]))[0]
+    ref = np.asarray(targets.decode_boxes(bbox, points, SCALE, clip_size=(w * STRIDE,
+                                                                          h * STRIDE)))
   except TypeError:
     pytest.skip("targets.decode_boxes has a different signature")
-  boxes, _ = pp.candidate_boxes(np.ones((6, 5)), bbox, 0.0)
-  np.testing.assert_allclose(boxes, ref.reshape(-1, 4), rtol=1e-5, atol=1e-3)
+  boxes, _ = pp.candidate_boxes(np.ones((h, w)), bbox, 0.0)
+  np.testing.assert_allclose(boxes, ref.reshape(-1, 4), atol=1e-4)
 
 
 def test_default_config_and_geometry_from_config():

@@ -7,9 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from bpnet_jax.detectnet_v2 import convert
-from bpnet_jax.detectnet_v2 import records
-from bpnet_jax.detectnet_v2 import synthetic
+from bpnet_jax.detectnet_v2 import convert, records, synthetic
 
 W, H = 128, 96
 

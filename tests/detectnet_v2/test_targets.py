@@ -36,6 +36,7 @@ def _pad(boxes, class_ids, n=6, dontcare=None):
 
 
 _jit_targets = jax.jit(T.make_targets)
+_jit_geometry = jax.jit(T.box_geometry)
 
 
 def _targets(boxes, class_ids, params, n=6, dontcare=None):
@@ -50,7 +51,7 @@ def test_geometry_unit_case():
   # Box (1, 2, 3, 4) at stride 1, centre 0.5, radius 0.6, r_min 0.5, deadzone 1.0.
   p = T.TargetParams.from_config(_config(["a"], radius=0.6, r_min=0.5, d=1.0), ["a"], (6, 6),
                                  input_shape=(6, 6))
-  g = T.box_geometry(np.array([[1, 2, 3, 4]], np.float32), np.zeros(1, np.int32), p)
+  g = _jit_geometry(np.array([[1, 2, 3, 4]], np.float32), np.zeros(1, np.int32), p)
   np.testing.assert_allclose(g["cov_radius"][0] / g["deadzone_radius"][0], [0.6, 0.6], rtol=1e-6)
   np.testing.assert_allclose(g["inv_area"][0], 0.694444, rtol=1e-5)
   # Mapping to deadzone space: unit scale, translation (-2, -3).
@@ -63,7 +64,7 @@ def test_geometry_small_input_case():
   p = T.TargetParams.from_config(_config(["car", "person"], radius=[1.0, 0.5], r_min=1.0),
                                  ["car", "person"], (3, 5), input_shape=(6, 15))
   boxes = np.array([[7, 6, 8, 9], [2, 3, 4, 5], [0, 0, 3, 4]], np.float32)
-  g = jax.tree.map(np.asarray, T.box_geometry(boxes, np.array([1, 0, 0], np.int32), p))
+  g = jax.tree.map(np.asarray, _jit_geometry(boxes, np.array([1, 0, 0], np.int32), p))
   np.testing.assert_allclose(g["box"][:, 0], [2.3333335, 0.6666667, 0.0], rtol=1e-6)
   np.testing.assert_allclose(g["box"][:, 1], [3.0, 1.5, 0.0], rtol=1e-6)
   np.testing.assert_allclose(g["box"][:, 2], [2.6666667, 1.3333334, 1.0], rtol=1e-6)
@@ -79,7 +80,7 @@ def test_geometry_small_input_case():
 def test_off_centre_uses_nearer_edge_and_min_radius_keeps_aspect():
   p = T.TargetParams.from_config(_config(["a"], radius=0.5, r_min=1.0, center=0.25), ["a"],
                                  (10, 10), input_shape=(10, 10))
-  g = jax.tree.map(np.asarray, T.box_geometry(np.array([[0, 0, 8, 2]], np.float32),
+  g = jax.tree.map(np.asarray, _jit_geometry(np.array([[0, 0, 8, 2]], np.float32),
                                               np.zeros(1, np.int32), p))
   np.testing.assert_allclose(g["center"][0], [2.0, 0.5])
   # Half extents to the nearer (left/top) edge: 2, 0.5 -> radii 1.0, 0.25 -> y grown to 1.0
@@ -100,7 +101,7 @@ def test_kitti_worked_example():
   p = T.TargetParams.from_config(cfg, ["car", "pedestrian"], (24, 78))
   assert (p.stride_x, p.stride_y) == (16.0, 16.0)
   box = np.array([[100, 50, 228, 146]], np.float32)
-  g = jax.tree.map(np.asarray, T.box_geometry(box, np.zeros(1, np.int32), p))
+  g = jax.tree.map(np.asarray, _jit_geometry(box, np.zeros(1, np.int32), p))
   np.testing.assert_allclose(g["box"][0], [6.25, 3.125, 14.25, 9.125])
   np.testing.assert_allclose(g["center"][0], [10.25, 6.125])
   np.testing.assert_allclose(g["cov_radius"][0], [1.6, 1.2], rtol=1e-6)
@@ -208,7 +209,7 @@ def test_encode_decode_exact_inverse():
 def _reference(boxes, class_ids, params_cfg, classes, out_shape, in_shape):
   """Literal per-cell loop of the original kernel (numpy; boxes all valid, none don't-care)."""
   p = T.TargetParams.from_config(params_cfg, classes, out_shape, input_shape=in_shape)
-  g = jax.tree.map(np.asarray, T.box_geometry(boxes, class_ids, p))
+  g = jax.tree.map(np.asarray, _jit_geometry(boxes, class_ids, p))
   h, w = out_shape
   nc = len(classes)
   cov = np.zeros((h, w, nc), np.float32)
