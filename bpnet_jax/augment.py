@@ -160,6 +160,21 @@ def sample_matrix(d: dict, p: AugParams, src_hw, out_hw, center, scale):
       src_hw, d, out_hw, fixed_aspect=p.mode == "standard_with_fixed_aspect_ratio"))
 
 
+def affine_inverse(m):
+  """Closed-form inverse of a 3x3 affine matrix [[A, t], [0, 0, 1]]: [[A^-1, -A^-1 t], [0, 0, 1]].
+
+  A 2x2 inverse by its adjugate is a handful of multiplies, where `jnp.linalg.inv` runs an LU
+  factorisation with pivoting inside the step.
+  """
+  a, b, c, d = m[0, 0], m[0, 1], m[1, 0], m[1, 1]
+  det = a * d - b * c
+  ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+  tx, ty = m[0, 2], m[1, 2]
+  return jnp.array([[ia, ib, -(ia * tx + ib * ty)],
+                    [ic, id_, -(ic * tx + id_ * ty)],
+                    [0.0, 0.0, 1.0]], dtype=m.dtype)
+
+
 def warp(image, src_hw, m, out_hw, fill: float):
   """Bilinear warp of image (Hc, Wc, C) -- valid in its top-left src_hw -- by m into out_hw.
 
@@ -168,7 +183,7 @@ def warp(image, src_hw, m, out_hw, fill: float):
   """
   out_h, out_w = out_hw
   hc, wc, ch = image.shape
-  inv = jnp.linalg.inv(m)
+  inv = affine_inverse(m)
   ys, xs = jnp.meshgrid(jnp.arange(out_h, dtype=jnp.float32),
                         jnp.arange(out_w, dtype=jnp.float32), indexing="ij")
   sx = inv[0, 0] * xs + inv[0, 1] * ys + inv[0, 2]

@@ -1,9 +1,10 @@
 """`bpnet <command> [flags]`: parse flags, make one library call, print the result.
 
 Configs: `--config=FILE[:ARG]` loads `get_config([ARG])` from a Python file and
-`--config.a.b=VALUE` overrides a key (`bpnet_jax.config.load_config_file`, the one loader; main.py
-is `bpnet train`). Commands that read a saved model (inference, evaluate, prune, export) take the
-model's own saved config; `--config`/`--config.*` there may only change inference settings.
+`--config.a.b=VALUE` overrides a key (`bpnet_jax.config.load_config_file`, the one loader;
+main.py is `bpnet train`). Commands that read a saved model (inference, evaluate, prune,
+export) take the model's own saved config; `--config`/`--config.*` there may only change
+inference settings.
 `bpnet train --workdir=DIR` without `--config` resumes the run saved in DIR.
 
 User errors (a bad flag, config, file or model; every `bpnet_jax.errors.Error`) print one line
@@ -125,36 +126,36 @@ class _Flags(_Parser):
 def cmd_summary(argv):
   """bpnet summary --config=FILE | --model=DIR [--depth=N]: parameter counts per module."""
   path, overrides, rest = split_config_args(argv)
-  p = _Flags(prog="bpnet summary")
-  p.add_argument("--model", help="a saved model (workdir, checkpoint or pruned model dir)")
-  p.add_argument("--depth", type=int, default=1, help="module path depth of the table")
-  a = p.parse(rest)
-  if path is None and a.model is None:
+  parser = _Flags(prog="bpnet summary")
+  parser.add_argument("--model", help="a saved model (workdir, checkpoint or pruned model dir)")
+  parser.add_argument("--depth", type=int, default=1, help="module path depth of the table")
+  args = parser.parse(rest)
+  if path is None and args.model is None:
     raise UserError("--config=FILE or --model=DIR is required")
-  config = (_given_config(None, overrides, a.model) or checkpoint_lib.saved_config(a.model)
+  config = (_given_config(None, overrides, args.model) or checkpoint_lib.saved_config(args.model)
             if path is None else config_lib.validate(config_lib.load_config_file(path, overrides)))
   sk = skeleton_from_config(config)
   h, w = config.dataloader.image_config.height, config.dataloader.image_config.width
   variables = model_lib.abstract_variables(model_lib.build_model(config.model, sk), h, w)
-  c = model_lib.count_params(variables)
+  counts = model_lib.count_params(variables)
   print(f"{config.model.architecture}, {config.model.stages} stages, skeleton {sk.name} "
         f"({sk.num_joints} joints, {sk.num_limbs} limbs), input {h}x{w}")
-  print(f"params: {c['total']:,} total, {c['trainable']:,} trainable, "
-        f"{c['non_trainable']:,} non-trainable, {c['convs']} convs")
-  print(model_lib.param_table(variables, a.depth))
+  print(f"params: {counts['total']:,} total, {counts['trainable']:,} trainable, "
+        f"{counts['non_trainable']:,} non-trainable, {counts['convs']} convs")
+  print(model_lib.param_table(variables, args.depth))
 
 
 def cmd_train(argv):
   """bpnet train --workdir=DIR [--config=FILE] [--config.a.b=v]: train, or resume DIR's run."""
   path, overrides, rest = split_config_args(argv)
-  p = _Flags(prog="bpnet train")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--multihost", action="store_true",
-                 help="call jax.distributed.initialize() first (one process per host)")
-  p.add_argument("--no_progress", action="store_true", help="no progress bar")
-  a = p.parse(rest)
+  parser = _Flags(prog="bpnet train")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() first (one process per host)")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  args = parser.parse(rest)
   if path is None:
-    saved = os.path.join(a.workdir, checkpoint_lib.CONFIG_FILE)
+    saved = os.path.join(args.workdir, checkpoint_lib.CONFIG_FILE)
     if not os.path.isfile(saved):
       raise UserError(f"--config=FILE is required ({saved} does not exist, so there is no run "
                       "to resume)")
@@ -164,99 +165,101 @@ def cmd_train(argv):
   else:
     config = config_lib.load_config_file(path, overrides)
   config_lib.validate(config)
-  if a.multihost:
+  if args.multihost:
     jax.distributed.initialize()
   # A run that fails before its first checkpoint leaves no workdir behind (if it made it).
-  with _removed_on_failure(a.workdir, keep_if=_has_checkpoints):
-    out = train_lib.train(config, a.workdir, progress=not a.no_progress)
-  m = out["metrics"]
+  with _removed_on_failure(args.workdir, keep_if=_has_checkpoints):
+    out = train_lib.train(config, args.workdir, progress=not args.no_progress)
+  metrics = out["metrics"]
   print(f"trained to step {out['step']}/{out['last_step']}"
-        + (f", loss {m['loss']:.5g}" if m else "") + f"; outputs in {a.workdir}")
+        + (f", loss {metrics['loss']:.5g}" if metrics else "") + f"; outputs in {args.workdir}")
 
 
 def cmd_dataset_convert(argv):
   """bpnet dataset_convert -d SPEC.json -o OUT -m train|test: COCO JSON -> records (+ masks)."""
-  p = _Flags(prog="bpnet dataset_convert")
-  p.add_argument("-d", "--dataset_spec", required=True, help="dataset spec JSON")
-  p.add_argument("-o", "--output_filename", required=True,
-                 help="output base name; files are OUT-fold-PPP-of-NNN[-shard-...]")
-  p.add_argument("-m", "--mode", default="train", choices=["train", "test"])
-  p.add_argument("-p", "--num_partitions", type=int, default=1)
-  p.add_argument("-s", "--num_shards", type=int, default=0)
-  p.add_argument("--generate_masks", action="store_true",
-                 help="write PNG masks of crowd regions and unlabelled people")
-  p.add_argument("--check_files", action="store_true",
-                 help="drop (and report) images that are missing, do not decode, or lack a mask")
-  p.add_argument("--pose_config", default="bpnet_18joints",
-                 help="skeleton the joints are converted to (name or JSON path)")
-  p.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
-  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-  a = p.parse(argv)
-  if a.num_partitions < 1 or a.num_shards < 0 or a.workers < 0:
+  parser = _Flags(prog="bpnet dataset_convert")
+  parser.add_argument("-d", "--dataset_spec", required=True, help="dataset spec JSON")
+  parser.add_argument("-o", "--output_filename", required=True,
+                      help="output base name; files are OUT-fold-PPP-of-NNN[-shard-...]")
+  parser.add_argument("-m", "--mode", default="train", choices=["train", "test"])
+  parser.add_argument("-p", "--num_partitions", type=int, default=1)
+  parser.add_argument("-s", "--num_shards", type=int, default=0)
+  parser.add_argument("--generate_masks", action="store_true",
+                      help="write PNG masks of crowd regions and unlabelled people")
+  parser.add_argument("--check_files", action="store_true",
+                      help="drop (and report) images that are missing, do not decode, or "
+                           "lack a mask")
+  parser.add_argument("--pose_config", default="bpnet_18joints",
+                      help="skeleton the joints are converted to (name or JSON path)")
+  parser.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+  parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  args = parser.parse(argv)
+  if args.num_partitions < 1 or args.num_shards < 0 or args.workers < 0:
     raise UserError("--num_partitions must be >= 1, --num_shards and --workers >= 0")
-  existing = glob.glob(glob.escape(a.output_filename) + "-fold-*") + \
-      glob.glob(glob.escape(a.output_filename) + ".summary.json")
-  if existing and not a.overwrite:
+  existing = glob.glob(glob.escape(args.output_filename) + "-fold-*") + \
+      glob.glob(glob.escape(args.output_filename) + ".summary.json")
+  if existing and not args.overwrite:
     raise UserError(f"{existing[0]} already exists (pass --overwrite to replace the outputs)")
-  if a.generate_masks and not a.overwrite:
-    split = dataset_spec.load_spec(a.dataset_spec).split(a.mode)
+  if args.generate_masks and not args.overwrite:
+    split = dataset_spec.load_spec(args.dataset_spec).split(args.mode)
     if os.path.isdir(split.masks_dir) and os.listdir(split.masks_dir):
       raise UserError(f"mask directory {split.masks_dir} is not empty (pass --overwrite to "
                       "regenerate its masks)")
-  s = convert.convert(a.dataset_spec, a.output_filename, a.mode, a.generate_masks, a.check_files,
-                      a.num_partitions, a.num_shards, load_skeleton(a.pose_config),
-                      a.workers or None)
-  print(f"{s['records']} records from {s['images_with_records']} of {s['images']} images "
-        f"({s['persons']} persons, {s['main_persons']} main) -> "
-        f"{', '.join(s['files'])}; skipped: {s['skipped'] or 'none'}; "
-        f"summary: {a.output_filename}.summary.json")
+  summary = convert.convert(args.dataset_spec, args.output_filename, args.mode,
+                            args.generate_masks, args.check_files, args.num_partitions,
+                            args.num_shards, load_skeleton(args.pose_config),
+                            args.workers or None)
+  print(f"{summary['records']} records from {summary['images_with_records']} of "
+        f"{summary['images']} images ({summary['persons']} persons, {summary['main_persons']} "
+        f"main) -> {', '.join(summary['files'])}; skipped: {summary['skipped'] or 'none'}; "
+        f"summary: {args.output_filename}.summary.json")
 
 
 def cmd_make_synthetic(argv):
   """bpnet make_synthetic --out DIR --num_images N --seed S: a synthetic COCO-format dataset."""
-  p = _Flags(prog="bpnet make_synthetic")
-  p.add_argument("--out", required=True)
-  p.add_argument("--num_images", type=int, required=True)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--width", type=int, default=320)
-  p.add_argument("--height", type=int, default=240)
-  p.add_argument("--test_fraction", type=float, default=0.2,
-                 help="share of the images in the test split")
-  p.add_argument("--overwrite", action="store_true")
-  p.add_argument("--style", default="default", choices=sorted(synthetic.STYLES),
-                 help="'demo': fewer, larger, part-coloured people on plain backgrounds")
-  a = p.parse(argv)
-  _positive(p, "num_images")
-  if a.width < 16 or a.height < 16:
-    raise UserError(f"--width/--height {a.width}x{a.height}: expected at least 16x16")
-  if not 0 <= a.test_fraction < 1:
-    raise UserError(f"--test_fraction must be in [0, 1), got {a.test_fraction}")
+  parser = _Flags(prog="bpnet make_synthetic")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--num_images", type=int, required=True)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--width", type=int, default=320)
+  parser.add_argument("--height", type=int, default=240)
+  parser.add_argument("--test_fraction", type=float, default=0.2,
+                      help="share of the images in the test split")
+  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--style", default="default", choices=sorted(synthetic.STYLES),
+                      help="'demo': fewer, larger, part-coloured people on plain backgrounds")
+  args = parser.parse(argv)
+  _positive(parser, "num_images")
+  if args.width < 16 or args.height < 16:
+    raise UserError(f"--width/--height {args.width}x{args.height}: expected at least 16x16")
+  if not 0 <= args.test_fraction < 1:
+    raise UserError(f"--test_fraction must be in [0, 1), got {args.test_fraction}")
   try:
-    counts = synthetic.make_synthetic(a.out, a.num_images, a.seed, a.width, a.height,
-                                      a.test_fraction, a.overwrite, style=a.style)
+    counts = synthetic.make_synthetic(args.out, args.num_images, args.seed, args.width, args.height,
+                                      args.test_fraction, args.overwrite, style=args.style)
   except ValueError as e:
     raise UserError(str(e)) from None
   for split, c in counts.items():
     print(f"{split}: {c['images']} images, {c['labelled_people']} labelled people, "
           f"{c['unlabelled_people']} unlabelled, {c['crowd_regions']} crowd regions")
-  print(f"dataset spec: {os.path.join(a.out, 'dataset_spec.json')}")
+  print(f"dataset spec: {os.path.join(args.out, 'dataset_spec.json')}")
 
 
 def cmd_demo(argv):
   """bpnet demo --workdir=DIR: synthetic data -> train -> evaluate -> prune -> export."""
-  p = _Flags(prog="bpnet demo")
-  p.add_argument("--workdir", required=True)
-  a = p.parse(argv)
-  demo.run(a.workdir)
+  parser = _Flags(prog="bpnet demo")
+  parser.add_argument("--workdir", required=True)
+  args = parser.parse(argv)
+  demo.run(args.workdir)
 
 
 def _model_flags(command):
-  p = _Flags(prog=f"bpnet {command}")
-  p.add_argument("--model", help="a saved model: training workdir (its latest checkpoint), "
-                 "checkpoint or pruned model directory; inference/evaluate also take an "
+  parser = _Flags(prog=f"bpnet {command}")
+  parser.add_argument("--model", help="a saved model: training workdir (its latest checkpoint), "
+                      "checkpoint or pruned model directory; inference/evaluate also take an "
                  "exported .onnx or TensorRT .engine")
-  p.add_argument("--workdir", help="same as --model (the original's flag)")
-  return p
+  parser.add_argument("--workdir", help="same as --model (the original's flag)")
+  return parser
 
 
 def _model_path(args):
@@ -269,96 +272,99 @@ def _model_path(args):
 def _predictor(command, argv, extra):
   """Parses the model, results and `extra(parser)` flags; returns (args, predictor)."""
   path, overrides, rest = split_config_args(argv)
-  p = _model_flags(command)
-  p.add_argument("--results_dir", required=True)
-  p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-  p.add_argument("--no_progress", action="store_true", help="no progress bar")
-  p.add_argument("--batch_size", type=int, default=1,
-                 help="images per network call (consecutive images of one input shape)")
-  extra(p)
-  a = p.parse(rest)
-  _positive(p, "batch_size")
-  model_path = _model_path(a)
-  return a, Predictor.from_path(model_path, _given_config(path, overrides, model_path))
+  parser = _model_flags(command)
+  parser.add_argument("--results_dir", required=True)
+  parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+  parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+  parser.add_argument("--batch_size", type=int, default=1,
+                      help="images per network call (consecutive images of one input shape)")
+  extra(parser)
+  args = parser.parse(rest)
+  _positive(parser, "batch_size")
+  model_path = _model_path(args)
+  return args, Predictor.from_path(model_path, _given_config(path, overrides, model_path))
 
 
 def cmd_inference(argv):
   """bpnet inference --model=DIR --input_type=image|dir|json --input=P --results_dir=R"""
-  def extra(p):
-    p.add_argument("--input_type", required=True, choices=["image", "dir", "json"])
-    p.add_argument("--input", required=True, help="an image, a folder, or a JSON list")
-    p.add_argument("--image_root_path", help="root of relative paths in a JSON input")
-    p.add_argument("--dump_visualizations", action="store_true",
-                   help="also write R/images_annotated/ with the skeletons drawn")
-  a, predictor = _predictor("inference", argv, extra)
-  paths = detections.list_inputs(a.input_type, a.input, a.image_root_path)
+  def extra(parser):
+    parser.add_argument("--input_type", required=True, choices=["image", "dir", "json"])
+    parser.add_argument("--input", required=True, help="an image, a folder, or a JSON list")
+    parser.add_argument("--image_root_path", help="root of relative paths in a JSON input")
+    parser.add_argument("--dump_visualizations", action="store_true",
+                        help="also write R/images_annotated/ with the skeletons drawn")
+  args, predictor = _predictor("inference", argv, extra)
+  paths = detections.list_inputs(args.input_type, args.input, args.image_root_path)
   if not paths:
-    raise UserError(f"--input {a.input}: no images found")
-  with _removed_on_failure(a.results_dir):
-    r = detections.run(predictor, paths, a.results_dir, a.dump_visualizations, a.overwrite,
-                       progress=not a.no_progress, batch_size=a.batch_size)
-  c = r["counts"]
-  print(f"{c['people']} people in {c['images']} images ({c['skipped']} skipped) -> "
-        f"{os.path.join(a.results_dir, 'detection.json')}")
+    raise UserError(f"--input {args.input}: no images found")
+  with _removed_on_failure(args.results_dir):
+    result = detections.run(predictor, paths, args.results_dir, args.dump_visualizations,
+                            args.overwrite, progress=not args.no_progress,
+                            batch_size=args.batch_size)
+  counts = result["counts"]
+  print(f"{counts['people']} people in {counts['images']} images ({counts['skipped']} skipped) -> "
+        f"{os.path.join(args.results_dir, 'detection.json')}")
 
 
 def cmd_evaluate(argv):
   """bpnet evaluate --model=DIR --dataset_spec=S.json --results_dir=R: COCO keypoint AP/AR"""
-  def extra(p):
-    p.add_argument("--dataset_spec", required=True, help="dataset spec JSON (its test_data)")
-  a, predictor = _predictor("evaluate", argv, extra)
-  split = dataset_spec.load_spec(a.dataset_spec).split("test")
+  def extra(parser):
+    parser.add_argument("--dataset_spec", required=True, help="dataset spec JSON (its test_data)")
+  args, predictor = _predictor("evaluate", argv, extra)
+  split = dataset_spec.load_spec(args.dataset_spec).split("test")
   if not predictor.skeleton.coco_keypoints:
     raise UserError(f"skeleton {predictor.skeleton.name!r} has no coco_keypoints list; COCO "
                     "evaluation needs one")
-  detections.check_outputs(a.results_dir, ("metrics.json", "detections_coco.json",
-                                           "results.csv"), a.overwrite)
-  with _removed_on_failure(a.results_dir):
-    r = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir,
-                                   a.results_dir, progress=not a.no_progress,
-                                   batch_size=a.batch_size)
-  m = r["metrics"]
-  print(f"AP {m['AP']:.4f}  AP50 {m['AP50']:.4f}  AR {m['AR']:.4f}  on {r['images']} images "
-        f"({len(r['skipped'])} skipped, {r['people']} people) -> "
-        f"{os.path.join(a.results_dir, 'metrics.json')}")
+  detections.check_outputs(args.results_dir, ("metrics.json", "detections_coco.json",
+                                               "results.csv"), args.overwrite)
+  with _removed_on_failure(args.results_dir):
+    result = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir,
+                                        args.results_dir, progress=not args.no_progress,
+                                        batch_size=args.batch_size)
+  metrics = result["metrics"]
+  print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AR {metrics['AR']:.4f}  on "
+        f"{result['images']} images ({len(result['skipped'])} skipped, {result['people']} "
+        "people) -> "
+        f"{os.path.join(args.results_dir, 'metrics.json')}")
 
 
 def cmd_prune(argv):
   """bpnet prune --model=DIR -o OUT_DIR [-pth 0.1 -n max -eq union -pg 8 -nf 16 -el ...]"""
   path, overrides, rest = split_config_args(argv)
-  p = _model_flags("prune")
-  p.add_argument("--checkpoint", help="same as --model")
-  p.add_argument("-o", "--output_dir", required=True, help="where the pruned model is written")
-  p.add_argument("-pth", "--pruning_threshold", type=float, default=0.1)
-  p.add_argument("-n", "--normalizer", default="max", choices=["max", "L2"])
-  p.add_argument("-eq", "--equalization_criterion", default="union",
-                 choices=list(prune_lib.CRITERIA))
-  p.add_argument("-pg", "--pruning_granularity", type=int, default=8)
-  p.add_argument("-nf", "--min_num_filters", type=int, default=16)
-  p.add_argument("-el", "--excluded_layers", nargs="*", default=[],
-                 help="conv paths to keep whole (e.g. backbone/block_1a_conv_1)")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-  a = p.parse(rest)
-  if a.pruning_granularity < 1 or a.min_num_filters < 0:
+  parser = _model_flags("prune")
+  parser.add_argument("--checkpoint", help="same as --model")
+  parser.add_argument("-o", "--output_dir", required=True, help="where the pruned model is written")
+  parser.add_argument("-pth", "--pruning_threshold", type=float, default=0.1)
+  parser.add_argument("-n", "--normalizer", default="max", choices=["max", "L2"])
+  parser.add_argument("-eq", "--equalization_criterion", default="union",
+                      choices=list(prune_lib.CRITERIA))
+  parser.add_argument("-pg", "--pruning_granularity", type=int, default=8)
+  parser.add_argument("-nf", "--min_num_filters", type=int, default=16)
+  parser.add_argument("-el", "--excluded_layers", nargs="*", default=[],
+                      help="conv paths to keep whole (e.g. backbone/block_1a_conv_1)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+  args = parser.parse(rest)
+  if args.pruning_granularity < 1 or args.min_num_filters < 0:
     raise UserError("-pg must be >= 1 and -nf >= 0")
-  if not 0.0 <= a.pruning_threshold <= 1.0:       # also rejects nan
-    raise UserError(f"-pth {a.pruning_threshold}: expected a number in [0, 1]")
-  model_path = a.checkpoint or _model_path(a)
+  if not 0.0 <= args.pruning_threshold <= 1.0:       # also rejects nan
+    raise UserError(f"-pth {args.pruning_threshold}: expected a number in [0, 1]")
+  model_path = args.checkpoint or _model_path(args)
   report = prune_lib.prune_checkpoint(
-      model_path, a.output_dir, threshold=a.pruning_threshold, normalizer=a.normalizer,
-      criterion=a.equalization_criterion, granularity=a.pruning_granularity,
-      min_filters=a.min_num_filters, excluded=tuple(a.excluded_layers),
-      overwrite=a.overwrite, config=_given_config(path, overrides, model_path))
+      model_path, args.output_dir, threshold=args.pruning_threshold, normalizer=args.normalizer,
+      criterion=args.equalization_criterion, granularity=args.pruning_granularity,
+      min_filters=args.min_num_filters, excluded=tuple(args.excluded_layers),
+      overwrite=args.overwrite, config=_given_config(path, overrides, model_path))
   if report["clamped_by_min_filters"]:
-    print(f"warning: threshold {a.pruning_threshold} would leave fewer than "
-          f"{a.min_num_filters} filters in {len(report['clamped_by_min_filters'])} layers "
-          f"(e.g. {report['clamped_by_min_filters'][0]}); kept {a.min_num_filters} there (-nf)",
+    print(f"warning: threshold {args.pruning_threshold} would leave fewer than "
+          f"{args.min_num_filters} filters in {len(report['clamped_by_min_filters'])} layers "
+          f"(e.g. {report['clamped_by_min_filters'][0]}); kept {args.min_num_filters} there (-nf)",
           file=sys.stderr)
-  b, f = report["params"], report["flops"]
-  print(f"params {b['before']:,} -> {b['after']:,} ({b['after'] / b['before']:.1%}), FLOPs at "
-        f"{report['input_size'][0]}x{report['input_size'][1]} {f['before'] / 1e9:.3f}G -> "
-        f"{f['after'] / 1e9:.3f}G ({f['after'] / f['before']:.1%}) -> "
-        f"{os.path.abspath(a.output_dir)} (report: prune_report.json)")
+  params, flops = report["params"], report["flops"]
+  print(f"params {params['before']:,} -> {params['after']:,} "
+        f"({params['after'] / params['before']:.1%}), FLOPs at "
+        f"{report['input_size'][0]}x{report['input_size'][1]} {flops['before'] / 1e9:.3f}G -> "
+        f"{flops['after'] / 1e9:.3f}G ({flops['after'] / flops['before']:.1%}) -> "
+        f"{os.path.abspath(args.output_dir)} (report: prune_report.json)")
 
 
 def _input_dims(text):
@@ -376,46 +382,52 @@ def _input_dims(text):
 def cmd_export(argv):
   """bpnet export --model=DIR -o OUT.onnx [--data_type fp32|fp16|int8] [--input_dims H,W,3]"""
   path, overrides, rest = split_config_args(argv)
-  p = _model_flags("export")
-  p.add_argument("--checkpoint", help="same as --model")
-  p.add_argument("-o", "--output_file", required=True, help="OUT.onnx")
-  p.add_argument("--data_type", default="fp32", choices=["fp32", "fp16", "int8"])
-  p.add_argument("--input_dims", help="H,W,3 fixed input size (default: dynamic H and W)")
-  p.add_argument("--opset", type=int, default=17)
-  p.add_argument("--sdk_compatible_model", action="store_true",
-                 help="upsample the PAF output x4 (nearest), as the original's DeepStream model")
-  p.add_argument("--cal_image_dir", help="int8: calibration images (.jpg/.jpeg/.png)")
-  p.add_argument("--cal_data_file", help="int8: calibration tensor (.npy; reused if present)")
-  p.add_argument("--cal_cache_file", help="int8: TensorRT calibration cache (reused if present)")
-  p.add_argument("--cal_method", default="entropy", choices=["entropy", "percentile", "minmax"])
-  p.add_argument("--batches", type=int, default=10, help="int8: calibration batches")
-  p.add_argument("--batch_size", type=int, default=1, help="int8: calibration batch size")
-  p.add_argument("--engine_file", help="also build a TensorRT engine (needs tensorrt + a GPU)")
-  p.add_argument("--max_batch_size", type=int, default=1, help="engine profile: batch 1..N")
-  p.add_argument("--max_workspace_size", type=int, default=2 << 30, help="engine, bytes")
-  p.add_argument("--saved_model", help="also write a TF SavedModel here (needs TensorFlow)")
-  p.add_argument("--overwrite", action="store_true")
-  a = p.parse(rest)
-  _positive(p, "max_batch_size", "max_workspace_size", "batches", "batch_size", "opset")
-  model_path = a.checkpoint or _model_path(a)
-  r = export_task.export_model(
-      model_path, a.output_file, config=_given_config(path, overrides, model_path),
-      data_type=a.data_type, input_dims=_input_dims(a.input_dims), opset=a.opset,
-      sdk_compatible=a.sdk_compatible_model, cal_image_dir=a.cal_image_dir,
-      cal_data_file=a.cal_data_file, cal_cache_file=a.cal_cache_file, cal_method=a.cal_method,
-      batches=a.batches, batch_size=a.batch_size, engine_file=a.engine_file,
-      max_batch_size=a.max_batch_size, max_workspace_size=a.max_workspace_size,
-      saved_model=a.saved_model, overwrite=a.overwrite)
-  if "saved_model" in r:
-    print(f"{a.saved_model}: TF SavedModel, max |diff| vs JAX "
-          f"{r['saved_model']['max_abs_diff']:.2e}")
-  if "engine" in r:
-    print(f"{a.engine_file}: TensorRT {r['engine']['tensorrt']} engine, batch "
-          f"1..{a.max_batch_size}")
-  print(f"{a.output_file}: {a.data_type}, input {r['input']['dims']}, {sum(r['ops'].values())} "
-        f"nodes; ONNX Runtime vs JAX max |diff| {r['parity']['max_abs_diff']:.2e} "
-        f"(tolerance {r['parity']['tolerance'] or 'none for int8'}); report "
-        f"{os.path.splitext(a.output_file)[0] + '.report.json'}")
+  parser = _model_flags("export")
+  parser.add_argument("--checkpoint", help="same as --model")
+  parser.add_argument("-o", "--output_file", required=True, help="OUT.onnx")
+  parser.add_argument("--data_type", default="fp32", choices=["fp32", "fp16", "int8"])
+  parser.add_argument("--input_dims", help="H,W,3 fixed input size (default: dynamic H and W)")
+  parser.add_argument("--opset", type=int, default=17)
+  parser.add_argument("--sdk_compatible_model", action="store_true",
+                      help="upsample the PAF output x4 (nearest), as the original's "
+                           "DeepStream model")
+  parser.add_argument("--cal_image_dir", help="int8: calibration images (.jpg/.jpeg/.png)")
+  parser.add_argument("--cal_data_file", help="int8: calibration tensor (.npy; reused if present)")
+  parser.add_argument("--cal_cache_file",
+                      help="int8: TensorRT calibration cache (reused if present)")
+  parser.add_argument("--cal_method", default="entropy",
+                      choices=["entropy", "percentile", "minmax"])
+  parser.add_argument("--batches", type=int, default=10, help="int8: calibration batches")
+  parser.add_argument("--batch_size", type=int, default=1, help="int8: calibration batch size")
+  parser.add_argument("--engine_file", help="also build a TensorRT engine (needs tensorrt + a GPU)")
+  parser.add_argument("--max_batch_size", type=int, default=1, help="engine profile: batch 1..N")
+  parser.add_argument("--max_workspace_size", type=int, default=2 << 30, help="engine, bytes")
+  parser.add_argument("--saved_model", help="also write a TF SavedModel here (needs TensorFlow)")
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse(rest)
+  _positive(parser, "max_batch_size", "max_workspace_size", "batches", "batch_size", "opset")
+  model_path = args.checkpoint or _model_path(args)
+  report = export_task.export_model(
+      model_path, args.output_file, config=_given_config(path, overrides, model_path),
+      data_type=args.data_type, input_dims=_input_dims(args.input_dims), opset=args.opset,
+      sdk_compatible=args.sdk_compatible_model, cal_image_dir=args.cal_image_dir,
+      cal_data_file=args.cal_data_file, cal_cache_file=args.cal_cache_file,
+      cal_method=args.cal_method,
+      batches=args.batches, batch_size=args.batch_size, engine_file=args.engine_file,
+      max_batch_size=args.max_batch_size, max_workspace_size=args.max_workspace_size,
+      saved_model=args.saved_model, overwrite=args.overwrite)
+  if "saved_model" in report:
+    print(f"{args.saved_model}: TF SavedModel, max |diff| vs JAX "
+          f"{report['saved_model']['max_abs_diff']:.2e}")
+  if "engine" in report:
+    print(f"{args.engine_file}: TensorRT {report['engine']['tensorrt']} engine, batch "
+          f"1..{args.max_batch_size}")
+  parity = report["parity"]
+  print(f"{args.output_file}: {args.data_type}, input {report['input']['dims']}, "
+        f"{sum(report['ops'].values())} nodes; ONNX Runtime vs JAX max |diff| "
+        f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance'] or 'none for int8'}); "
+        "report "
+        f"{os.path.splitext(args.output_file)[0] + '.report.json'}")
 
 
 COMMANDS = {

@@ -126,6 +126,8 @@ def default_config() -> ml_collections.ConfigDict:
                                      # host cores but two with an accelerator, 0 on the CPU)
       max_image_size=(640, 640),     # host canvas (H, W); larger images are shrunk to fit
       max_people=20,                 # people per record kept (main person first)
+      # More unreadable samples than this share of an epoch stop training (a wrong root?).
+      max_unreadable_fraction=0.01,
   )
 
   c.model = dict(
@@ -276,149 +278,160 @@ def validate(config) -> ml_collections.ConfigDict:
       v = value if value is not None else _get(config, key)
       raise ConfigError(f"config.{key}: expected {expected}, got {v!r}")
 
-  t, d, m, o, inf = (config.trainer, config.dataloader, config.model, config.optimizer,
-                     config.inference)
+  trainer, data, model = config.trainer, config.dataloader, config.model
+  optim, inference = config.optimizer, config.inference
   # Trainer.
-  need(t.num_epoch >= 1, "trainer.num_epoch", "an integer >= 1")
-  need(t.checkpoint_n_epoch >= 1, "trainer.checkpoint_n_epoch", "an integer >= 1")
-  need(t.checkpoint_n_epoch <= t.num_epoch, "trainer.checkpoint_n_epoch",
-       f"at most trainer.num_epoch ({t.num_epoch})")
-  need(t.summary_every_n_steps >= 1, "trainer.summary_every_n_steps", "an integer >= 1")
-  need(t.max_ckpt_to_keep >= 1, "trainer.max_ckpt_to_keep", "an integer >= 1")
-  need(t.validation_every_n_epoch >= 0, "trainer.validation_every_n_epoch", "an integer >= 0")
-  need(t.log_every_n_secs >= 0, "trainer.log_every_n_secs", "a number >= 0")
-  need(t.compute_dtype in COMPUTE_DTYPES, "trainer.compute_dtype", f"one of {COMPUTE_DTYPES}")
-  need(not t.load_graph or t.pretrained_weights, "trainer.load_graph",
+  need(trainer.num_epoch >= 1, "trainer.num_epoch", "an integer >= 1")
+  need(trainer.checkpoint_n_epoch >= 1, "trainer.checkpoint_n_epoch", "an integer >= 1")
+  need(trainer.checkpoint_n_epoch <= trainer.num_epoch, "trainer.checkpoint_n_epoch",
+       f"at most trainer.num_epoch ({trainer.num_epoch})")
+  need(trainer.summary_every_n_steps >= 1, "trainer.summary_every_n_steps", "an integer >= 1")
+  need(trainer.max_ckpt_to_keep >= 1, "trainer.max_ckpt_to_keep", "an integer >= 1")
+  need(trainer.validation_every_n_epoch >= 0, "trainer.validation_every_n_epoch", "an integer >= 0")
+  need(trainer.log_every_n_secs >= 0, "trainer.log_every_n_secs", "a number >= 0")
+  need(trainer.compute_dtype in COMPUTE_DTYPES, "trainer.compute_dtype", f"one of {COMPUTE_DTYPES}")
+  need(not trainer.load_graph or trainer.pretrained_weights, "trainer.load_graph",
        "False unless trainer.pretrained_weights is set")
-  ft = t.finetuning_config
-  need(not ft.is_finetune_exp or ft.checkpoint_path, "trainer.finetuning_config.checkpoint_path",
+  finetune = trainer.finetuning_config
+  need(not finetune.is_finetune_exp or finetune.checkpoint_path,
+       "trainer.finetuning_config.checkpoint_path",
        "a checkpoint path when is_finetune_exp is True")
-  need(ft.ckpt_epoch_num >= 0, "trainer.finetuning_config.ckpt_epoch_num", "an integer >= 0")
+  need(finetune.ckpt_epoch_num >= 0, "trainer.finetuning_config.ckpt_epoch_num", "an integer >= 0")
 
   # Data.
-  need(d.batch_size >= 1, "dataloader.batch_size", "an integer >= 1")
-  ic = d.image_config
+  need(data.batch_size >= 1, "dataloader.batch_size", "an integer >= 1")
+  image = data.image_config
   for key in ("height", "width"):
-    v = ic[key]
+    v = image[key]
     need(v >= OUTPUT_STRIDE and v % OUTPUT_STRIDE == 0, f"dataloader.image_config.{key}",
          f"a positive multiple of {OUTPUT_STRIDE}")
-  need(ic.channels == 3, "dataloader.image_config.channels", "3 (RGB)")
-  need(ic.image_encoding in ("jpg", "png"), "dataloader.image_config.image_encoding",
+  need(image.channels == 3, "dataloader.image_config.channels", "3 (RGB)")
+  need(image.image_encoding in ("jpg", "png"), "dataloader.image_config.image_encoding",
        "'jpg' or 'png'")
-  ts = d.pose_config.target_shape
-  need(len(ts) == 2 and all(isinstance(v, int) and v > 0 for v in ts),
+  target_shape = data.pose_config.target_shape
+  need(len(target_shape) == 2 and all(isinstance(v, int) and v > 0 for v in target_shape),
        "dataloader.pose_config.target_shape", "[height, width] positive integers")
-  need(ts[0] * OUTPUT_STRIDE == ic.height and ts[1] * OUTPUT_STRIDE == ic.width,
+  need(target_shape[0] * OUTPUT_STRIDE == image.height
+       and target_shape[1] * OUTPUT_STRIDE == image.width,
        "dataloader.pose_config.target_shape",
-       f"image size / {OUTPUT_STRIDE} = [{ic.height // OUTPUT_STRIDE}, "
-       f"{ic.width // OUTPUT_STRIDE}] (the model's output stride)")
-  need(isinstance(d.pose_config.pose_config_path, str) and d.pose_config.pose_config_path,
+       f"image size / {OUTPUT_STRIDE} = [{image.height // OUTPUT_STRIDE}, "
+       f"{image.width // OUTPUT_STRIDE}] (the model's output stride)")
+  need(isinstance(data.pose_config.pose_config_path, str) and data.pose_config.pose_config_path,
        "dataloader.pose_config.pose_config_path", "a skeleton name or JSON path")
-  n = d.normalization_params
-  need(len(n.image_scale) == 3 and all(v > 0 for v in n.image_scale),
+  norm = data.normalization_params
+  need(len(norm.image_scale) == 3 and all(v > 0 for v in norm.image_scale),
        "dataloader.normalization_params.image_scale", "3 positive numbers")
-  need(len(n.image_offset) == 3, "dataloader.normalization_params.image_offset", "3 numbers")
-  need(len(n.mask_scale) == 1 and n.mask_scale[0] > 0,
+  need(len(norm.image_offset) == 3, "dataloader.normalization_params.image_offset", "3 numbers")
+  need(len(norm.mask_scale) == 1 and norm.mask_scale[0] > 0,
        "dataloader.normalization_params.mask_scale", "[one positive number]")
-  need(len(n.mask_offset) == 1, "dataloader.normalization_params.mask_offset", "[one number]")
-  need(d.shuffle_buffer_size >= 0, "dataloader.shuffle_buffer_size", "an integer >= 0")
-  need(d.num_workers >= -1, "dataloader.num_workers", "an integer >= 0, or -1 (automatic)")
-  need(len(d.max_image_size) == 2 and all(isinstance(v, int) and v >= 8 for v in d.max_image_size),
+  need(len(norm.mask_offset) == 1, "dataloader.normalization_params.mask_offset", "[one number]")
+  need(data.shuffle_buffer_size >= 0, "dataloader.shuffle_buffer_size", "an integer >= 0")
+  need(data.num_workers >= -1, "dataloader.num_workers", "an integer >= 0, or -1 (automatic)")
+  need(len(data.max_image_size) == 2
+       and all(isinstance(v, int) and v >= 8 for v in data.max_image_size),
        "dataloader.max_image_size", "[height, width] integers >= 8")
-  need(d.max_people >= 1, "dataloader.max_people", "an integer >= 1")
-  aug = d.augmentation_config
+  need(data.max_people >= 1, "dataloader.max_people", "an integer >= 1")
+  need(0 <= data.max_unreadable_fraction <= 1, "dataloader.max_unreadable_fraction",
+       "a number in [0, 1]")
+  aug = data.augmentation_config
   need(aug.spatial_augmentation_mode in AUGMENTATION_MODES,
        "dataloader.augmentation_config.spatial_augmentation_mode", f"one of {AUGMENTATION_MODES}")
-  a = aug.spatial_aug_params
+  spatial = aug.spatial_aug_params
   pre = "dataloader.augmentation_config.spatial_aug_params."
   for key in ("flip_lr_prob", "flip_tb_prob", "zoom_prob"):
-    need(0.0 <= a[key] <= 1.0, pre + key, "a probability in [0, 1]")
+    need(0.0 <= spatial[key] <= 1.0, pre + key, "a probability in [0, 1]")
   for lo, hi in (("rotate_deg_min", "rotate_deg_max"), ("zoom_ratio_min", "zoom_ratio_max"),
                  ("translate_min_x", "translate_max_x"), ("translate_min_y", "translate_max_y"),
                  ("translate_ratio_min", "translate_ratio_max")):
-    need(a[lo] <= a[hi], pre + lo, f"<= {hi} ({a[hi]})")
-  need(a.zoom_ratio_min > 0, pre + "zoom_ratio_min", "a positive number")
-  need(a.target_person_scale > 0, pre + "target_person_scale", "a positive number")
-  lp = d.label_processor_config
-  need(lp.heatmap_gaussian_sigma > 0, "dataloader.label_processor_config.heatmap_gaussian_sigma",
+    need(spatial[lo] <= spatial[hi], pre + lo, f"<= {hi} ({spatial[hi]})")
+  need(spatial.zoom_ratio_min > 0, pre + "zoom_ratio_min", "a positive number")
+  need(spatial.target_person_scale > 0, pre + "target_person_scale", "a positive number")
+  labels = data.label_processor_config
+  need(labels.heatmap_gaussian_sigma > 0,
+       "dataloader.label_processor_config.heatmap_gaussian_sigma",
        "a positive number (input pixels)")
-  need(lp.paf_ortho_dist_thresh > 0, "dataloader.label_processor_config.paf_ortho_dist_thresh",
+  need(labels.paf_ortho_dist_thresh > 0, "dataloader.label_processor_config.paf_ortho_dist_thresh",
        "a positive number (output cells)")
 
   # Model.
-  need(m.architecture in ARCHITECTURES, "model.architecture", f"one of {ARCHITECTURES}")
-  need(m.backbone_attributes.architecture == "vgg", "model.backbone_attributes.architecture",
+  need(model.architecture in ARCHITECTURES, "model.architecture", f"one of {ARCHITECTURES}")
+  need(model.backbone_attributes.architecture == "vgg", "model.backbone_attributes.architecture",
        "'vgg' (the only backbone implemented)")
-  need(m.backbone_attributes.nlayers == 19, "model.backbone_attributes.nlayers", "19 (VGG19)")
-  need(2 <= m.stages <= 7, "model.stages", "an integer in 2..7")
-  need(m.padding in PADDINGS, "model.padding", f"one of {PADDINGS}")
-  need(m.backbone_downsampling in DOWNSAMPLINGS, "model.backbone_downsampling",
+  need(model.backbone_attributes.nlayers == 19, "model.backbone_attributes.nlayers", "19 (VGG19)")
+  need(2 <= model.stages <= 7, "model.stages", "an integer in 2..7")
+  need(model.padding in PADDINGS, "model.padding", f"one of {PADDINGS}")
+  need(model.backbone_downsampling in DOWNSAMPLINGS, "model.backbone_downsampling",
        f"one of {DOWNSAMPLINGS}")
-  need(m.data_format == "channels_last", "model.data_format", "'channels_last' (NHWC)")
-  need(m.regularization_type in REGULARIZATION_TYPES, "model.regularization_type",
+  need(model.data_format == "channels_last", "model.data_format", "'channels_last' (NHWC)")
+  need(model.regularization_type in REGULARIZATION_TYPES, "model.regularization_type",
        f"one of {REGULARIZATION_TYPES}")
-  need(m.kernel_regularization_factor >= 0, "model.kernel_regularization_factor", "a number >= 0")
-  need(m.bias_regularization_factor >= 0, "model.bias_regularization_factor", "a number >= 0")
-  need(m.kernel_initializer in KERNEL_INITIALIZERS, "model.kernel_initializer",
+  need(model.kernel_regularization_factor >= 0, "model.kernel_regularization_factor",
+       "a number >= 0")
+  need(model.bias_regularization_factor >= 0, "model.bias_regularization_factor", "a number >= 0")
+  need(model.kernel_initializer in KERNEL_INITIALIZERS, "model.kernel_initializer",
        f"one of {KERNEL_INITIALIZERS}")
   for key in ("stage1_kernel_sizes", "stageT_kernel_sizes"):
-    v = m[key]
+    v = model[key]
     need(len(v) >= 1 and all(isinstance(k, int) and k >= 1 and k % 2 == 1 for k in v),
          f"model.{key}", "a non-empty list of odd positive kernel sizes")
-  need(m.width_multiplier > 0, "model.width_multiplier", "a positive number")
-  for key, v in m.layer_widths.items():
+  need(model.width_multiplier > 0, "model.width_multiplier", "a positive number")
+  for key, v in model.layer_widths.items():
     need(isinstance(v, int) and v >= 1, f"model.layer_widths.{key}", "a positive integer", v)
 
   # Optimizer.
-  need(o.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
-  need(0 <= o.momentum < 1, "optimizer.momentum", "a number in [0, 1)")
-  need(o.weight_default_value >= 0, "optimizer.weight_default_value", "a number >= 0")
-  for key, v in o.grad_weights_dict.items():
+  need(optim.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
+  need(0 <= optim.momentum < 1, "optimizer.momentum", "a number in [0, 1)")
+  need(optim.weight_default_value >= 0, "optimizer.weight_default_value", "a number >= 0")
+  for key, v in optim.grad_weights_dict.items():
     need(isinstance(v, numbers.Real) and not isinstance(v, bool) and v >= 0,
          f"optimizer.grad_weights_dict.{key}", "a multiplier >= 0", v)
-  s = o.learning_rate_schedule
+  schedule = optim.learning_rate_schedule
   pre = "optimizer.learning_rate_schedule."
-  need(s.type in SCHEDULES, pre + "type", f"one of {SCHEDULES}")
-  if s.type == "softstart_annealing":
-    need(s.min_learning_rate > 0, pre + "min_learning_rate", "a positive number")
-    need(s.base_learning_rate >= s.min_learning_rate, pre + "base_learning_rate",
-         f">= min_learning_rate ({s.min_learning_rate})")
-    need(0 <= s.soft_start <= 1, pre + "soft_start", "a number in [0, 1]")
-    need(s.soft_start <= s.annealing <= 1, pre + "annealing",
-         f"a number in [soft_start ({s.soft_start}), 1]")
+  need(schedule.type in SCHEDULES, pre + "type", f"one of {SCHEDULES}")
+  if schedule.type == "softstart_annealing":
+    need(schedule.min_learning_rate > 0, pre + "min_learning_rate", "a positive number")
+    need(schedule.base_learning_rate >= schedule.min_learning_rate, pre + "base_learning_rate",
+         f">= min_learning_rate ({schedule.min_learning_rate})")
+    need(0 <= schedule.soft_start <= 1, pre + "soft_start", "a number in [0, 1]")
+    need(schedule.soft_start <= schedule.annealing <= 1, pre + "annealing",
+         f"a number in [soft_start ({schedule.soft_start}), 1]")
   else:
-    need(s.learning_rate > 0, pre + "learning_rate", "a positive number")
-    need(s.decay_epochs > 0, pre + "decay_epochs", "a positive number")
-    need(0 < s.decay_rate <= 1, pre + "decay_rate", "a number in (0, 1]")
-    need(s.min_learning_rate >= 0, pre + "min_learning_rate", "a number >= 0")
+    need(schedule.learning_rate > 0, pre + "learning_rate", "a positive number")
+    need(schedule.decay_epochs > 0, pre + "decay_epochs", "a positive number")
+    need(0 < schedule.decay_rate <= 1, pre + "decay_rate", "a number in (0, 1]")
+    need(schedule.min_learning_rate >= 0, pre + "min_learning_rate", "a number >= 0")
 
   # Loss.
-  fl = config.loss.focal_loss_params
-  need(fl.gamma >= 0, "loss.focal_loss_params.gamma", "a number >= 0")
+  focal = config.loss.focal_loss_params
+  need(focal.gamma >= 0, "loss.focal_loss_params.gamma", "a number >= 0")
 
   # Inference.
-  need(len(inf.input_shape) == 2 and all(isinstance(v, int) and v > 0 and v % OUTPUT_STRIDE == 0
-                                         for v in inf.input_shape),
+  need(len(inference.input_shape) == 2
+       and all(isinstance(v, int) and v > 0 and v % OUTPUT_STRIDE == 0
+                                         for v in inference.input_shape),
        "inference.input_shape", f"[height, width], positive multiples of {OUTPUT_STRIDE}")
-  need(inf.input_size_multiple >= OUTPUT_STRIDE and inf.input_size_multiple % OUTPUT_STRIDE == 0,
+  need(inference.input_size_multiple >= OUTPUT_STRIDE
+       and inference.input_size_multiple % OUTPUT_STRIDE == 0,
        "inference.input_size_multiple", f"a positive multiple of {OUTPUT_STRIDE}")
-  need(all(isinstance(v, int) for v in inf.output_upsampling_factor),
+  need(all(isinstance(v, int) for v in inference.output_upsampling_factor),
        "inference.output_upsampling_factor", "[fy, fx] integers")
-  need(inf.keep_aspect_ratio_mode in ASPECT_RATIO_MODES, "inference.keep_aspect_ratio_mode",
+  need(inference.keep_aspect_ratio_mode in ASPECT_RATIO_MODES, "inference.keep_aspect_ratio_mode",
        f"one of {ASPECT_RATIO_MODES}")
-  need(inf.output_stage_to_use is None or 1 <= inf.output_stage_to_use <= m.stages,
-       "inference.output_stage_to_use", f"None or a stage in 1..{m.stages}")
-  need(len(inf.output_upsampling_factor) == 2 and all(v >= 1 for v in inf.output_upsampling_factor),
+  need(inference.output_stage_to_use is None or 1 <= inference.output_stage_to_use <= model.stages,
+       "inference.output_stage_to_use", f"None or a stage in 1..{model.stages}")
+  need(len(inference.output_upsampling_factor) == 2
+       and all(v >= 1 for v in inference.output_upsampling_factor),
        "inference.output_upsampling_factor", "[fy, fx] >= 1")
-  need(0 <= inf.heatmap_threshold < 1, "inference.heatmap_threshold", "a number in [0, 1)")
-  need(-1 <= inf.paf_threshold < 1, "inference.paf_threshold", "a number in [-1, 1)")
-  need(len(inf.scales) >= 1 and all(v > 0 for v in inf.scales), "inference.scales",
+  need(0 <= inference.heatmap_threshold < 1, "inference.heatmap_threshold", "a number in [0, 1)")
+  need(-1 <= inference.paf_threshold < 1, "inference.paf_threshold", "a number in [-1, 1)")
+  need(len(inference.scales) >= 1 and all(v > 0 for v in inference.scales), "inference.scales",
        "a non-empty list of positive numbers")
-  need(inf.paf_num_samples >= 2, "inference.paf_num_samples", "an integer >= 2")
-  need(0 <= inf.paf_sample_ratio <= 1, "inference.paf_sample_ratio", "a number in [0, 1]")
-  need(inf.min_parts >= 1, "inference.min_parts", "an integer >= 1")
-  need(inf.min_mean_score >= 0, "inference.min_mean_score", "a number >= 0")
-  need(inf.compute_dtype in COMPUTE_DTYPES, "inference.compute_dtype", f"one of {COMPUTE_DTYPES}")
+  need(inference.paf_num_samples >= 2, "inference.paf_num_samples", "an integer >= 2")
+  need(0 <= inference.paf_sample_ratio <= 1, "inference.paf_sample_ratio", "a number in [0, 1]")
+  need(inference.min_parts >= 1, "inference.min_parts", "an integer >= 1")
+  need(inference.min_mean_score >= 0, "inference.min_mean_score", "a number >= 0")
+  need(inference.compute_dtype in COMPUTE_DTYPES, "inference.compute_dtype",
+       f"one of {COMPUTE_DTYPES}")
 
   try:
     skeleton_from_config(config)

@@ -160,6 +160,34 @@ def _head_init(kind: str):
   return nn.initializers.normal(stddev=0.01)
 
 
+class Conv(nn.Module):
+  """A 2-D NHWC convolution with float32 parameters `kernel` (k, k, in, out) and `bias` (out,).
+
+  Like `nn.Conv`, it computes in `dtype`; unlike it, the bias is added in float32 before the
+  result is cast back, so under bfloat16 the bias gradient (a sum over batch and pixels)
+  accumulates in float32 instead of bfloat16. Parameter names and initialisation equal nn.Conv's.
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: Any = "SAME"
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init,
+                        (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+      y = (y.astype(jnp.float32) + bias).astype(self.dtype)
+    return y
+
+
 @dataclasses.dataclass(frozen=True)
 class _ConvOptions:
   """What every conv needs besides its Layer (hashable, so Flax modules can hold it)."""
@@ -179,14 +207,12 @@ def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
   backbone = layer.path.startswith("backbone/")
   pad = layer.kernel // 2
-  y = nn.Conv(dict(opts.widths)[layer.path], (layer.kernel, layer.kernel),
-              (layer.stride, layer.stride),
-              padding=((pad, pad), (pad, pad)) if opts.padding == "symmetric" else "SAME",
-              use_bias=opts.backbone_use_bias if backbone else opts.use_bias,
-              kernel_init=(nn.initializers.glorot_uniform() if backbone
-                           else _head_init(opts.kernel_initializer)),
-              bias_init=nn.initializers.zeros, dtype=opts.dtype,
-              name=layer.path.split("/")[-1])(x)
+  y = Conv(dict(opts.widths)[layer.path], layer.kernel, layer.stride,
+           padding=((pad, pad), (pad, pad)) if opts.padding == "symmetric" else "SAME",
+           use_bias=opts.backbone_use_bias if backbone else opts.use_bias,
+           kernel_init=(nn.initializers.glorot_uniform() if backbone
+                        else _head_init(opts.kernel_initializer)),
+           dtype=opts.dtype, name=layer.path.split("/")[-1])(x)
   if layer.bn:
     y = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                      dtype=opts.dtype, name=layer.bn.split("/")[-1])(y)

@@ -277,6 +277,8 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   per_process_batch = cfg.dataloader.batch_size // jax.process_count()
   it = input_pipeline.make_iterator(s.dataset, per_process_batch, cfg.dataloader.num_workers,
                                     state=data_state)
+  guard = input_pipeline.unreadable_guard_from_config(cfg, s.skeleton, s.steps_per_epoch,
+                                                      per_process_batch, start)
   metrics_log = MetricsLog(workdir, start, enabled=main_process)
   ckpt_every = t.checkpoint_n_epoch * s.steps_per_epoch
   bar = None
@@ -287,7 +289,8 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   window_start, window_steps = time.perf_counter(), 0
   val = _validation(cfg, s, workdir) if t.validation_every_n_epoch else None
   try:
-    batches = input_pipeline.prefetch_to_device(it, 2, lambda b: shard_batch(b, s.mesh))
+    batches = input_pipeline.prefetch_to_device(it, 2, lambda b: shard_batch(b, s.mesh),
+                                                check=guard.update)
     step = start
     pending = []
     while step < s.last_step:

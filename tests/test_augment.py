@@ -1,4 +1,6 @@
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,17 @@ def test_aug_params_from_config():
   assert p.flip_lr_prob == 0.5 and p.rotate_deg_min == -40 and p.translate_max_x == 40
   off = A.AugParams.from_config(coco.get_config().dataloader.augmentation_config, enabled=False)
   assert off.flip_lr_prob == 0 and off.rotate_deg_max == 0 and off.mode == "person_centric"
+
+
+def test_affine_inverse_is_closed_form_and_exact():
+  rng = np.random.default_rng(3)
+  for _ in range(10):
+    m = np.eye(3, dtype=np.float32)
+    m[:2, :2] = rng.normal(size=(2, 2))
+    m[:2, 2] = rng.normal(size=2) * 50
+    np.testing.assert_allclose(np.asarray(A.affine_inverse(jnp.asarray(m))), np.linalg.inv(m),
+                               rtol=1e-5, atol=1e-4)
+  # No LU factorisation (and its while loop) in the warp.
+  jaxpr = str(jax.make_jaxpr(lambda img, mat: A.warp(img, (8, 8), mat, (8, 8), 0.0))(
+      jnp.zeros((8, 8, 3)), jnp.eye(3)))
+  assert not re.search(r"\blu\b", jaxpr) and "while" not in jaxpr

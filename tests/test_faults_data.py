@@ -107,7 +107,8 @@ def test_ignored_sample_contributes_exactly_zero_to_every_loss_term(synth, tmp_p
   stage_terms = [k for k in terms if "_stage" in k]
   assert len(stage_terms) == 4
   # The ignored rows alone: every term is exactly zero.
-  pick = lambda xs, rows: [x[rows] for x in xs]   # noqa: E731
+  def pick(xs, rows):
+    return [x[rows] for x in xs]
   inv = np.array([1, 3])
   _, t_inv = loss(None, pick(heats, inv), pick(pafs, inv), out["labels"][inv], out["mask"][inv])
   for k in stage_terms + ["data_loss"]:

@@ -16,7 +16,8 @@ def test_import_is_light_and_fast():
                      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=60)
   assert r.returncode == 0, r.stderr
   dt, bad = r.stdout.split(" ", 1)
-  assert float(dt) < 3.0 and bad.strip() == "[]"
+  # A sanity bound only (speed is measured by benchmarks): ~2 s on an idle 2-core machine.
+  assert float(dt) < 15.0 and bad.strip() == "[]"
 
 
 def test_ci_runs_the_readme_test_command():

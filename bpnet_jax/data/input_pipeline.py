@@ -313,7 +313,7 @@ def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, seed: int,
                   shuffle_buffer_size: int, process_index: int = 0, process_count: int = 1,
                   shuffle: bool = True, repeat: bool = True):
   """grain MapDataset of decoded, padded samples (this process's share, shuffled, repeated)."""
-  source = array_record_data_source.ArrayRecordDataSource(list(record_paths))
+  source = records_lib.open_source(record_paths)
   if len(source) == 0:
     raise ValueError(f"record files {list(record_paths)} hold no records")
   ds = grain.MapDataset.source(source).map_with_index(_with_index)

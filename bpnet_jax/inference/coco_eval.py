@@ -22,6 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from bpnet_jax import fileio
+from bpnet_jax.data.dataset_spec import resolve_inside
 from bpnet_jax.errors import DataError
 from bpnet_jax.inference import detections
 from bpnet_jax.inference.preprocess import read_image
@@ -114,7 +115,8 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   """
   gt = load_coco(annotations)
   ids = sorted(gt.getImgIds())
-  paths = {i: os.path.join(images_dir, gt.imgs[i]["file_name"]) for i in ids}
+  paths = {i: resolve_inside(images_dir, gt.imgs[i]["file_name"],
+                             f"{annotations}: image {i}: file_name") for i in ids}
   people_by_image, skipped = {}, []
   bar = detections.progress_bar(len(ids), progress)
   for image_id, people, err in predictor.predict_iter(ids, load=lambda i: read_image(paths[i]),
