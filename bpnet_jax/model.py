@@ -160,6 +160,22 @@ def _head_init(kind: str):
   return nn.initializers.normal(stddev=0.01)
 
 
+def conv_padding(mode: str, kernel: int, stride: int) -> tuple:
+  """Explicit ((top, bottom), (left, right)) pads of a conv.
+
+  'symmetric': k//2 on each side (the original). 'same_lax': what lax 'SAME' pads for an input
+  whose size is a multiple of the stride (always true here: inputs are multiples of 8), i.e.
+  k - s in total with the extra pixel at the bottom/right. Explicit pads keep the graph free of
+  shape-dependent padding arithmetic, so exports with symbolic height and width trace cleanly.
+  """
+  if mode == "symmetric":
+    lo = hi = kernel // 2
+  else:
+    total = max(kernel - stride, 0)
+    lo, hi = total // 2, total - total // 2
+  return ((lo, hi), (lo, hi))
+
+
 class Conv(nn.Module):
   """A 2-D NHWC convolution with float32 parameters `kernel` (k, k, in, out) and `bias` (out,).
 
@@ -206,9 +222,8 @@ def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
   if layer.pool_before:
     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
   backbone = layer.path.startswith("backbone/")
-  pad = layer.kernel // 2
   y = Conv(dict(opts.widths)[layer.path], layer.kernel, layer.stride,
-           padding=((pad, pad), (pad, pad)) if opts.padding == "symmetric" else "SAME",
+           padding=conv_padding(opts.padding, layer.kernel, layer.stride),
            use_bias=opts.backbone_use_bias if backbone else opts.use_bias,
            kernel_init=(nn.initializers.glorot_uniform() if backbone
                         else _head_init(opts.kernel_initializer)),

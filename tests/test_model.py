@@ -153,3 +153,20 @@ def test_param_table_lists_modules():
   table = M.param_table(v)
   assert "backbone" in table and "16,777,835" in table.splitlines()[-1]
   assert "backbone/block_1a_conv_1" in M.param_table(v, depth=2)
+
+
+@pytest.mark.parametrize("mode, pads", [("symmetric", ((1, 1), (1, 1))),
+                                        ("same_lax", ((0, 1), (0, 1)))])
+def test_stride_2_padding_modes(mode, pads):
+  assert M.conv_padding(mode, 3, 2) == pads
+  assert M.conv_padding(mode, 7, 1) == ((3, 3), (3, 3))            # stride 1: the same
+  # A 3x3 stride-2 conv whose kernel picks the top-left tap: output (0, 0) reads input (-1, -1)
+  # (zero padding) under symmetric padding, input (0, 0) under lax SAME.
+  conv = M.Conv(1, 3, 2, padding=M.conv_padding(mode, 3, 2), use_bias=False)
+  kernel = jnp.zeros((3, 3, 1, 1)).at[0, 0, 0, 0].set(1.0)
+  x = jnp.arange(1.0, 65.0).reshape(1, 8, 8, 1)
+  y = conv.apply({"params": {"kernel": kernel}}, x)
+  assert y.shape == (1, 4, 4, 1)
+  assert float(y[0, 0, 0, 0]) == (0.0 if mode == "symmetric" else 1.0)
+  assert float(y[0, 1, 1, 0]) == (float(x[0, 1, 1, 0]) if mode == "symmetric"
+                                  else float(x[0, 2, 2, 0]))
