@@ -120,6 +120,11 @@ class _Flags(_Parser):
     return self.parsed
 
 
+# Public names of the helpers other front ends (bpnet_jax.detectnet_v2.cli) build on.
+Flags = _Flags
+check_positive = _positive
+
+
 # ----------------------------------------------------------------------------------------------
 # Commands.
 
@@ -443,21 +448,24 @@ COMMANDS = {
 }
 
 
-def main(argv=None, prog: str = "bpnet"):
+def main(argv=None, prog: str = "bpnet", commands=None):
+  """Runs `<command> [flags]`; returns the exit status. `commands` ({name: fn(argv)}, default
+  COMMANDS) lets another front end (detectnet_v2) share the dispatch and the error handling."""
+  commands = COMMANDS if commands is None else commands
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(f"usage: {prog} <command> [flags]\ncommands:")
-    for name, fn in COMMANDS.items():
+    for name, fn in commands.items():
       print(f"  {name:<16} {fn.__doc__.splitlines()[0]}")
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
-  if name not in COMMANDS:
-    print(f"{prog}: error: unknown command {name!r} (commands: {', '.join(COMMANDS)})",
+  if name not in commands:
+    print(f"{prog}: error: unknown command {name!r} (commands: {', '.join(commands)})",
           file=sys.stderr)
     return 2
   logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
   try:
-    COMMANDS[name](rest)
+    commands[name](rest)
   except (Error, FileExistsError) as e:
     print(f"{prog} {name}: error: {e}", file=sys.stderr)
     return 2

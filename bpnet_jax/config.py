@@ -6,6 +6,11 @@ schedule, loss, inference) holding the public TAO tutorial values (BpNetLite, 3 
 L1 5e-4, soft-start 0.05/0.5 from 8e-8 to 2e-5, batch 10). Config files under `configs/` start
 from it and override a few fields. `validate(config)` rejects unknown keys, wrong types and
 impossible values with a one-line `ConfigError` naming the key.
+
+The generic parts take the schema as parameters (a `default_config`-like callable and the dotted
+paths of its free-form mappings), with this pose schema as the default: the key/type checker
+`check_keys_and_types`, the config-file loader `load_config_file` with `apply_override`, and
+`from_dict`/`read_json`. `bpnet_jax.detectnet_v2.config` is the other schema that uses them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import importlib.util
 import numbers
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 from ml_collections import config_dict
@@ -226,14 +231,17 @@ def _type_name(ref) -> str:
   return f"a {type(ref).__name__}"
 
 
-def _check_keys_and_types(cfg, ref, prefix, placeholders):
+def _check_keys_and_types(cfg, ref, prefix, placeholders, free_form: Sequence[str] = FREE_FORM):
+  """Unknown keys and wrong types of `cfg` against the schema instance `ref`; keys under
+  `prefix` (dotted, ending with '.'); `placeholders` from `_placeholders`; `free_form` lists the
+  mappings whose keys are the user's (only checked to be mappings)."""
   for key in cfg.keys():
     path = f"{prefix}{key}"
     if key not in ref:
       raise ConfigError(f"config.{path}: unknown key (valid keys in config.{prefix or ''}: "
                         f"{sorted(ref.keys())})".replace("config.:", "config:"))
     value, default = cfg[key], ref[key]
-    if path in FREE_FORM:
+    if path in free_form:
       if not isinstance(value, (dict, ml_collections.ConfigDict)):
         raise ConfigError(f"config.{path}: expected a mapping, got {value!r}")
       continue
@@ -241,7 +249,7 @@ def _check_keys_and_types(cfg, ref, prefix, placeholders):
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f"config.{path}: expected a section with keys {sorted(default.keys())},"
                           f" got {value!r}")
-      _check_keys_and_types(value, default, path + ".", placeholders)
+      _check_keys_and_types(value, default, path + ".", placeholders, free_form)
       continue
     if path in placeholders:
       if value is not None and not isinstance(value, placeholders[path]):
@@ -252,9 +260,9 @@ def _check_keys_and_types(cfg, ref, prefix, placeholders):
       raise ConfigError(f"config.{path}: expected {_type_name(default)}, got {value!r}")
 
 
-def _placeholders():
-  """{path: type} of keys whose default is None (they also accept None)."""
-  ref = default_config()
+def _placeholders(schema: Callable[[], ml_collections.ConfigDict] = default_config):
+  """{path: type} of the keys of `schema()` whose default is None (they also accept None)."""
+  ref = schema()
   out = {}
 
   def walk(cfg, prefix):
@@ -268,10 +276,18 @@ def _placeholders():
   return out
 
 
+def check_keys_and_types(config, schema: Callable[[], ml_collections.ConfigDict] = default_config,
+                         free_form: Sequence[str] = FREE_FORM) -> None:
+  """The generic half of validation, for any schema: ConfigError (one line, naming the key) for
+  a key `schema()` does not have or a value of another type than its default (None defaults
+  take their placeholder's type or None). Mappings listed in `free_form` (dotted paths) hold
+  the user's keys and are only checked to be mappings."""
+  _check_keys_and_types(config, schema(), "", _placeholders(schema), free_form)
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Raises ConfigError (one line, naming the key) unless `config` is usable; returns it."""
-  ref = default_config()
-  _check_keys_and_types(config, ref, "", _placeholders())
+  check_keys_and_types(config)
 
   def need(ok, key, expected, value=None):
     if not ok:
@@ -450,17 +466,32 @@ def _get(config, dotted: str) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Loading: config files (the one loader for main.py and every command) and saved configs.
 
-def load_config_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def _import_root(path: str) -> str:
+  """The folder above the outermost package (a folder with __init__.py) holding the file, or
+  the file's grandparent when its folder is not a package."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if not os.path.isfile(os.path.join(folder, "__init__.py")):
+    return os.path.dirname(folder)
+  while os.path.isfile(os.path.join(os.path.dirname(folder), "__init__.py")):
+    folder = os.path.dirname(folder)
+  return os.path.dirname(folder)
+
+
+def load_config_file(spec: str, overrides: Sequence[str] = (),
+                     free_form: Sequence[str] = FREE_FORM) -> ml_collections.ConfigDict:
   """`get_config()` of a Python config file, then 'a.b.c=value' overrides.
 
   spec is `path.py` or `path.py:arg` (big_vision style): the part after the colon is passed to
-  `get_config(arg)`, so one file holds its variants. The file's grandparent directory goes on
-  sys.path so variants can `from configs import coco` however the command is launched.
+  `get_config(arg)`, so one file holds its variants. The folder above the file's outermost
+  package (its grandparent when its folder is no package) goes on sys.path so variants can
+  `from configs import coco` or `from configs.detectnet_v2 import kitti_resnet18` however the
+  command is launched. `free_form`: the schema's mappings that overrides may add keys to
+  (the pose schema's by default).
   """
   path, _, arg = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  root = _import_root(path)
   if root not in sys.path:
     sys.path.insert(0, root)
   try:
@@ -475,12 +506,13 @@ def load_config_file(spec: str, overrides: Sequence[str] = ()) -> ml_collections
   except Exception as e:  # An error inside the user's config file: report it in one line.
     raise ConfigError(f"config file {spec!r} failed to load: {type(e).__name__}: {e}") from None
   for item in overrides:
-    apply_override(config, item)
+    apply_override(config, item, free_form)
   return config
 
 
-def apply_override(config, item: str) -> None:
-  """Sets 'section.key=value' (value parsed as a Python literal, else kept as a string)."""
+def apply_override(config, item: str, free_form: Sequence[str] = FREE_FORM) -> None:
+  """Sets 'section.key=value' (value parsed as a Python literal, else kept as a string); only
+  the mappings in `free_form` take new keys."""
   if "=" not in item:
     raise ConfigError(f"override {item!r}: expected key=value")
   key, raw = item.split("=", 1)
@@ -495,7 +527,7 @@ def apply_override(config, item: str) -> None:
       raise ConfigError(f"override config.{key}: unknown key {part!r}")
     node = node[part]
   # Free-form mappings (dataset specs, layer widths, ...) take new keys; sections do not.
-  if parts[-1] not in node and ".".join(parts[:-1]) not in FREE_FORM:
+  if parts[-1] not in node and ".".join(parts[:-1]) not in free_form:
     raise ConfigError(f"override config.{key}: unknown key {parts[-1]!r}")
   try:
     node[parts[-1]] = value
@@ -503,17 +535,20 @@ def apply_override(config, item: str) -> None:
     raise ConfigError(f"override config.{key}={raw}: {e}") from None
 
 
-def from_dict(data: dict, where: str = "config") -> ml_collections.ConfigDict:
-  """A config from its JSON form (a saved config.json): the schema's defaults, then every saved
-  value (lists become tuples where the schema has tuples); unknown keys are a ConfigError."""
-  config = default_config()
+def from_dict(data: dict, where: str = "config",
+              schema: Callable[[], ml_collections.ConfigDict] = default_config,
+              free_form: Sequence[str] = FREE_FORM) -> ml_collections.ConfigDict:
+  """A config from its JSON form (a saved config.json): `schema()`'s defaults, then every saved
+  value (lists become tuples where the schema has tuples; the mappings in `free_form` are taken
+  whole); unknown keys are a ConfigError."""
+  config = schema()
 
   def merge(node, values, prefix):
     for key, value in values.items():
       path = f"{prefix}{key}"
       if key not in node:
         raise ConfigError(f"{where}: unknown key config.{path}")
-      if path in FREE_FORM:
+      if path in free_form:
         node[key] = dict(value or {})
       elif isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
         merge(node[key], value, path + ".")
@@ -528,12 +563,13 @@ def from_dict(data: dict, where: str = "config") -> ml_collections.ConfigDict:
   return config
 
 
-def read_json(path: str) -> ml_collections.ConfigDict:
-  """A config saved as JSON (a model directory's config.json), as a ConfigDict."""
+def read_json(path: str, schema: Callable[[], ml_collections.ConfigDict] = default_config,
+              free_form: Sequence[str] = FREE_FORM) -> ml_collections.ConfigDict:
+  """A config saved as JSON (a model directory's config.json), as a ConfigDict of `schema`."""
   data = fileio.read_json(path, "config JSON", ConfigError)
   if not isinstance(data, dict):
     raise ConfigError(f"{path}: expected a JSON object of config sections")
-  return from_dict(data, where=path)
+  return from_dict(data, where=path, schema=schema, free_form=free_form)
 
 
 def to_json(config) -> str:

@@ -1,0 +1,1 @@
+"""DetectNet_v2 experiment configs (`bpnet_jax.detectnet_v2.config` schema)."""
