@@ -56,7 +56,19 @@ ARCHITECTURES = ("BpNetLiteModel", "BpNetModel")
 KERNEL_INITIALIZERS = ("random_normal", "xavier")
 PADDINGS = ("symmetric", "same_lax")
 DOWNSAMPLINGS = ("strided_conv", "max_pool")
-ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid, None: lambda x: x}
+ACTIVATIONS = ("relu", "tanh", "sigmoid", None)
+
+
+def _activate(x, activation: str | None):
+  # Looked up at call time, not stored in a dict: exporters (jax2onnx) swap `nn.relu` and
+  # friends for their own versions while tracing, which turns them into single ONNX ops.
+  if activation == "relu":
+    return nn.relu(x)
+  if activation == "tanh":
+    return jnp.tanh(x)
+  if activation == "sigmoid":
+    return nn.sigmoid(x)
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +243,7 @@ def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
   if layer.bn:
     y = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
                      dtype=opts.dtype, name=layer.bn.split("/")[-1])(y)
-  y = ACTIVATIONS[layer.activation](y)
+  y = _activate(y, layer.activation)
   return env[layer.gates] * y if layer.gates else y
 
 

@@ -229,88 +229,88 @@ def setup(config, devices=None) -> Setup:
 def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   """Trains (or resumes) into workdir. Returns a summary dict (final step, last metrics)."""
   os.makedirs(workdir, exist_ok=True)
-  s = setup(config, devices)
-  cfg, t = s.config, s.config.trainer
+  job = setup(config, devices)
+  cfg, trainer = job.config, job.config.trainer
   h, w = cfg.dataloader.image_config.height, cfg.dataloader.image_config.width
   main_process = jax.process_index() == 0
   if main_process:
     checkpoint_lib.save_run_config(cfg, workdir)
 
-  tx_fn = lambda params: optimizer_lib.optimizer_from_config(cfg, params, s.schedule)
-  replicated = NamedSharding(s.mesh, P())
-  with jax.set_mesh(s.mesh):
-    state = jax.jit(lambda: init_state(cfg, s.model, tx_fn, h, w), out_shardings=replicated)()
+  tx_fn = lambda params: optimizer_lib.optimizer_from_config(cfg, params, job.schedule)
+  replicated = NamedSharding(job.mesh, P())
+  with jax.set_mesh(job.mesh):
+    state = jax.jit(lambda: init_state(cfg, job.model, tx_fn, h, w), out_shardings=replicated)()
   tx = tx_fn(state.params)
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
-  mngr, restored = checkpoint_lib.restore_latest(workdir, t.max_ckpt_to_keep, abstract)
+  mngr, restored = checkpoint_lib.restore_latest(workdir, trainer.max_ckpt_to_keep, abstract)
   data_state = None
   if restored is not None:
     state, data_state, meta, step = restored
     print(f"resuming from checkpoint step {step} (epoch {meta.get('epoch')})", file=sys.stderr)
-  elif t.finetuning_config.is_finetune_exp:
-    state = checkpoint_lib.read_state(t.finetuning_config.checkpoint_path, abstract)
-    state = state.replace(step=jnp.asarray(t.finetuning_config.ckpt_epoch_num * s.steps_per_epoch,
-                                           jnp.int32))
-    print(f"fine-tuning from {t.finetuning_config.checkpoint_path} at epoch "
-          f"{t.finetuning_config.ckpt_epoch_num}", file=sys.stderr)
-  elif t.pretrained_weights:
-    tree = checkpoint_lib.read_state(t.pretrained_weights)
+  elif trainer.finetuning_config.is_finetune_exp:
+    state = checkpoint_lib.read_state(trainer.finetuning_config.checkpoint_path, abstract)
+    first_step = trainer.finetuning_config.ckpt_epoch_num * job.steps_per_epoch
+    state = state.replace(step=jnp.asarray(first_step, jnp.int32))
+    print(f"fine-tuning from {trainer.finetuning_config.checkpoint_path} at epoch "
+          f"{trainer.finetuning_config.ckpt_epoch_num}", file=sys.stderr)
+  elif trainer.pretrained_weights:
+    tree = checkpoint_lib.read_state(trainer.pretrained_weights)
     params, rp = checkpoint_lib.load_by_name(state.params, tree.get("params", {}))
     stats, rs = checkpoint_lib.load_by_name(state.batch_stats, tree.get("batch_stats", {}))
-    if t.load_graph and (rp["missing"] or rp["shape_mismatch"] or rs["missing"]
+    if trainer.load_graph and (rp["missing"] or rp["shape_mismatch"] or rs["missing"]
                          or rs["shape_mismatch"]):
       bad = rp["missing"] + rp["shape_mismatch"] + rs["missing"] + rs["shape_mismatch"]
-      raise TrainingError(f"{t.pretrained_weights}: the pruned weights do not fit the model "
+      raise TrainingError(f"{trainer.pretrained_weights}: the pruned weights do not fit the model "
                           f"rebuilt from its config.json ({len(bad)} parameters, e.g. {bad[:2]})")
     state = state.replace(params=jax.device_put(params, replicated),
                           batch_stats=jax.device_put(stats, replicated),
                           opt_state=jax.device_put(tx.init(params), replicated))
-    print(f"pretrained weights from {t.pretrained_weights}: loaded {len(rp['loaded'])} params "
-          f"+ {len(rs['loaded'])} batch stats; skipped {len(rp['missing'])} absent "
+    print(f"pretrained weights from {trainer.pretrained_weights}: loaded {len(rp['loaded'])} "
+          f"params + {len(rs['loaded'])} batch stats; skipped {len(rp['missing'])} absent "
           f"(e.g. {rp['missing'][:3]}), {len(rp['shape_mismatch'])} with another shape "
           f"{rp['shape_mismatch'][:3]}", file=sys.stderr)
 
   start = int(state.step)
-  train_step = jit_train_step(make_train_step(cfg, s.skeleton, s.model, tx, s.schedule), s.mesh,
-                              state)
+  train_step = jit_train_step(make_train_step(cfg, job.skeleton, job.model, tx, job.schedule),
+                              job.mesh, state)
   per_process_batch = cfg.dataloader.batch_size // jax.process_count()
-  it = input_pipeline.make_iterator(s.dataset, per_process_batch, cfg.dataloader.num_workers,
+  it = input_pipeline.make_iterator(job.dataset, per_process_batch, cfg.dataloader.num_workers,
                                     state=data_state)
-  guard = input_pipeline.unreadable_guard_from_config(cfg, s.skeleton, s.steps_per_epoch,
+  guard = input_pipeline.unreadable_guard_from_config(cfg, job.skeleton, job.steps_per_epoch,
                                                       per_process_batch, start)
   metrics_log = MetricsLog(workdir, start, enabled=main_process)
-  ckpt_every = t.checkpoint_n_epoch * s.steps_per_epoch
+  ckpt_every = trainer.checkpoint_n_epoch * job.steps_per_epoch
   bar = None
   if main_process and progress:
-    bar = tqdm.tqdm(total=s.last_step, initial=start, unit="step", file=sys.stderr,
-               mininterval=max(0.1, t.log_every_n_secs), dynamic_ncols=True)
+    bar = tqdm.tqdm(total=job.last_step, initial=start, unit="step", file=sys.stderr,
+               mininterval=max(0.1, trainer.log_every_n_secs), dynamic_ncols=True)
   last = {}
   window_start, window_steps = time.perf_counter(), 0
-  val = _validation(cfg, s, workdir) if t.validation_every_n_epoch else None
+  val = _validation(cfg, job, workdir) if trainer.validation_every_n_epoch else None
   try:
-    batches = input_pipeline.prefetch_to_device(it, 2, lambda b: shard_batch(b, s.mesh),
+    batches = input_pipeline.prefetch_to_device(it, 2, lambda b: shard_batch(b, job.mesh),
                                                 check=guard.update)
     step = start
     pending = []
-    while step < s.last_step:
+    while step < job.last_step:
       batch, data_state = next(batches)
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
       pending.append(metrics)
-      is_ckpt = step % ckpt_every == 0 or step == s.last_step
-      if step % t.summary_every_n_steps == 0 or is_ckpt:
+      is_ckpt = step % ckpt_every == 0 or step == job.last_step
+      if step % trainer.summary_every_n_steps == 0 or is_ckpt:
         per_step = _fetch_metrics(pending)            # one device->host transfer
         first_step = step - len(pending) + 1
         pending = []
         bad = np.flatnonzero(~np.isfinite(per_step["loss"]))
         if bad.size:
           _stop_on_non_finite(mngr, workdir, first_step + int(bad[0]),
-                              float(per_step["loss"][bad[0]]), s.steps_per_epoch)
+                              float(per_step["loss"][bad[0]]), job.steps_per_epoch)
         values = {k: float(np.mean(v)) for k, v in per_step.items()}
         now = time.perf_counter()
-        values.update(epoch=round(step / s.steps_per_epoch, 4),
+        values.update(epoch=round(step / job.steps_per_epoch, 4),
                       images_per_sec=round(window_steps * cfg.dataloader.batch_size
                                            / max(now - window_start, 1e-9), 2))
         window_start, window_steps = now, 0
@@ -322,18 +322,18 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
                           refresh=False)
       if bar is not None:
         bar.update(1)
-      if val is not None and step % (t.validation_every_n_epoch * s.steps_per_epoch) == 0:
+      if val is not None and step % (trainer.validation_every_n_epoch * job.steps_per_epoch) == 0:
         vloss = val(state)
-        metrics_log.write(step, {"epoch": round(step / s.steps_per_epoch, 4),
+        metrics_log.write(step, {"epoch": round(step / job.steps_per_epoch, 4),
                                  "val_loss": vloss})
       if is_ckpt:
         if not bool(all_finite(state)):
-          _stop_on_non_finite(mngr, workdir, step + 1, float("nan"), s.steps_per_epoch,
+          _stop_on_non_finite(mngr, workdir, step + 1, float("nan"), job.steps_per_epoch,
                               what="parameters or optimizer state")
         checkpoint_lib.save_checkpoint(
             mngr, state, _jsonable(data_state),
-            {"epoch": step // s.steps_per_epoch, "steps_per_epoch": s.steps_per_epoch,
-             "num_records": s.num_records}, cfg)
+            {"epoch": step // job.steps_per_epoch, "steps_per_epoch": job.steps_per_epoch,
+             "num_records": job.num_records}, cfg)
   finally:
     if bar is not None:
       bar.close()
@@ -342,8 +342,8 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
     metrics_log.close()
     if hasattr(it, "close"):
       it.close()
-  return {"step": int(state.step), "last_step": s.last_step, "steps_per_epoch": s.steps_per_epoch,
-          "metrics": last, "state": state,
+  return {"step": int(state.step), "last_step": job.last_step,
+          "steps_per_epoch": job.steps_per_epoch, "metrics": last, "state": state,
           # Compilations of the step: 1 unless something (a shape, a dtype, a sharding) changed.
           "train_step_compilations": train_step._cache_size()}
 
@@ -394,7 +394,7 @@ def _stop_on_non_finite(mngr, workdir: str, step: int, loss: float, steps_per_ep
                       "the data")
 
 
-def _validation(config, s: Setup, workdir):
+def _validation(config, job: Setup, workdir):
   """val(state) -> mean validation loss per image over the validation records, or None."""
   d = config.dataloader.dataset_config
   if not d.val_records_path:
@@ -402,17 +402,17 @@ def _validation(config, s: Setup, workdir):
                 "val_records_path; no validation")
     return None
   paths = input_pipeline.resolve_record_paths(d.val_records_folder_path, d.val_records_path)
-  ds = input_pipeline.build_dataset(paths, input_pipeline.decoder_from_config(config, s.skeleton),
+  ds = input_pipeline.build_dataset(paths, input_pipeline.decoder_from_config(config, job.skeleton),
                                     0, 0, jax.process_index(), jax.process_count(),
                                     shuffle=False, repeat=False)
-  eval_loss = jax.jit(make_eval_loss(config, s.skeleton, s.model))
+  eval_loss = jax.jit(make_eval_loss(config, job.skeleton, job.model))
   batch = config.dataloader.batch_size // jax.process_count()
 
   def val(state):
     it = input_pipeline.make_iterator(ds, batch)
     total, n = 0.0, 0
     for b in it:
-      out = eval_loss(state, shard_batch(b, s.mesh))
+      out = eval_loss(state, shard_batch(b, job.mesh))
       total += float(out["data_loss"]) * config.dataloader.batch_size
       n += config.dataloader.batch_size
     return total / max(n, 1)

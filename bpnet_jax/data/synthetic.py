@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import cv2
 import numpy as np
 import tqdm
 
+from bpnet_jax import fileio
 from bpnet_jax.data.dataset_spec import COCO_KEYPOINTS, coco_spec_dict
 
 K = {n: i for i, n in enumerate(COCO_KEYPOINTS)}
@@ -249,49 +249,47 @@ def make_synthetic(out: str, num_images: int, seed: int = 0, width: int = 320,
     raise ValueError(f"image size must be at least 16x16, got {width}x{height}")
   if os.path.exists(out) and os.listdir(out) and not overwrite:
     raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-  tmp = out.rstrip("/") + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  num_test = int(round(num_images * test_fraction)) if num_images > 1 else 0
-  splits = {"train": range(num_images - num_test),
-            "test": range(num_images - num_test, num_images)}
-  categories = coco_spec_dict("", None, None)["categories"]
-  counts = {}
-  bar = tqdm.tqdm(total=num_images, desc="synthetic", unit="img", file=sys.stderr, leave=False,
-             disable=not progress)
-  for split, ids in splits.items():
-    if not len(ids):
-      continue
-    os.makedirs(os.path.join(tmp, split))
-    images, anns = [], []
-    for i in ids:
-      rng = np.random.default_rng([seed, i])
-      img, a = make_image(rng, width, height, image_id=i + 1, ann_id_start=(i + 1) * 100,
-                          style=style)
-      name = f"{i + 1:012d}.jpg"
-      cv2.imwrite(os.path.join(tmp, split, name), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-      images.append({"id": i + 1, "file_name": name, "width": width, "height": height,
-                     "license": 0})
-      anns.extend(a)
-      bar.update(1)
-    os.makedirs(os.path.join(tmp, "annotations"), exist_ok=True)
-    with open(os.path.join(tmp, "annotations", f"person_keypoints_{split}.json"), "w") as f:
-      json.dump({"info": {"description": f"bpnet_jax synthetic people, seed {seed}"},
-                 "licenses": [{"id": 0, "name": "generated, public domain"}],
-                 "images": images, "annotations": anns, "categories": categories}, f)
-    counts[split] = {"images": len(images), "annotations": len(anns),
-                     "labelled_people": sum(a["num_keypoints"] > 0 for a in anns),
-                     "unlabelled_people": sum(a["num_keypoints"] == 0 and not a["iscrowd"]
-                                              for a in anns),
-                     "crowd_regions": sum(a["iscrowd"] for a in anns)}
-  bar.close()
-  # COCO's 32x32 minimum person area, scaled to the synthetic image size.
-  min_size = max(8, int(round(32 * min(width / 640, height / 480))))
-  spec = coco_spec_dict(".", ("train", "train_mask", "annotations/person_keypoints_train.json"),
-                        ("test", "test_mask", "annotations/person_keypoints_test.json")
-                        if num_test else None, min_size=min_size)
-  with open(os.path.join(tmp, "dataset_spec.json"), "w") as f:
-    json.dump(spec, f, indent=1)
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.replace(tmp, out)
+  with fileio.atomic_path(out) as tmp:   # built beside `out`, then renamed into place
+    os.makedirs(tmp)
+    num_test = int(round(num_images * test_fraction)) if num_images > 1 else 0
+    splits = {"train": range(num_images - num_test),
+              "test": range(num_images - num_test, num_images)}
+    categories = coco_spec_dict("", None, None)["categories"]
+    counts = {}
+    bar = tqdm.tqdm(total=num_images, desc="synthetic", unit="img", file=sys.stderr,
+                    leave=False, disable=not progress)
+    for split, ids in splits.items():
+      if not len(ids):
+        continue
+      os.makedirs(os.path.join(tmp, split))
+      images, anns = [], []
+      for i in ids:
+        rng = np.random.default_rng([seed, i])
+        img, a = make_image(rng, width, height, image_id=i + 1, ann_id_start=(i + 1) * 100,
+                            style=style)
+        name = f"{i + 1:012d}.jpg"
+        cv2.imwrite(os.path.join(tmp, split, name), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        images.append({"id": i + 1, "file_name": name, "width": width, "height": height,
+                       "license": 0})
+        anns.extend(a)
+        bar.update(1)
+      os.makedirs(os.path.join(tmp, "annotations"), exist_ok=True)
+      with open(os.path.join(tmp, "annotations", f"person_keypoints_{split}.json"),
+              "w") as f:
+        json.dump({"info": {"description": f"bpnet_jax synthetic people, seed {seed}"},
+                   "licenses": [{"id": 0, "name": "generated, public domain"}],
+                   "images": images, "annotations": anns, "categories": categories}, f)
+      counts[split] = {"images": len(images), "annotations": len(anns),
+                       "labelled_people": sum(a["num_keypoints"] > 0 for a in anns),
+                       "unlabelled_people": sum(a["num_keypoints"] == 0 and not a["iscrowd"]
+                                                for a in anns),
+                       "crowd_regions": sum(a["iscrowd"] for a in anns)}
+    bar.close()
+    # COCO's 32x32 minimum person area, scaled to the synthetic image size.
+    min_size = max(8, int(round(32 * min(width / 640, height / 480))))
+    spec = coco_spec_dict(".", ("train", "train_mask", "annotations/person_keypoints_train.json"),
+                          ("test", "test_mask", "annotations/person_keypoints_test.json")
+                          if num_test else None, min_size=min_size)
+    with open(os.path.join(tmp, "dataset_spec.json"), "w") as f:
+      json.dump(spec, f, indent=1)
   return counts
