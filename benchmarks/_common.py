@@ -103,7 +103,31 @@ def host_batch(config, recs: dict, batch_size: int) -> dict:
   from bpnet_jax import augment
   dec, src = decoder_and_source(config, recs)
   samples = [dec(src[i % len(src)]) for i in range(batch_size)]
-  return {k: np.stack([s[k] for s in samples]) for k in augment.SAMPLE_FIELDS}
+  return {k: np.stack([s[k] for s in samples]) for k in augment.SAMPLE_FIELDS if k in samples[0]}
+
+
+def cpu_seconds() -> float:
+  """CPU seconds (user + system) of this process so far, all its threads, not its children."""
+  import resource
+  r = resource.getrusage(resource.RUSAGE_SELF)
+  return r.ru_utime + r.ru_stime
+
+
+def feed_rate(iterator, put, batches: int, batch_size: int) -> dict:
+  """Times `batches` host batches of `iterator` each handed to the device by `put` (waited for).
+
+  Returns {"wall": images/s, "per_core": images per CPU second of this process}: with decoding
+  in worker processes, the second is the main process's share of the feed -- what one host core
+  delivers, the serial part that worker processes cannot spread.
+  """
+  import jax
+  jax.block_until_ready(put(next(iterator)))        # start-up (worker spawn) excluded
+  cpu, wall = cpu_seconds(), time.perf_counter()
+  for _ in range(batches):
+    jax.block_until_ready(put(next(iterator)))
+  cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+  n = batches * batch_size
+  return {"wall": n / wall, "per_core": n / max(cpu, 1e-9)}
 
 
 class DeviceTrainStep:

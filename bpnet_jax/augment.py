@@ -93,6 +93,11 @@ def identity_draw() -> dict:
               ty=jnp.float32(0), zoom=jnp.float32(1), theta=jnp.float32(0))
 
 
+def _mm(a, b):
+  """a @ b in full float32: coordinates must not go through a TF32/bf16 dot on accelerators."""
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _t(x, y):
   return jnp.array([[1.0, 0.0, x], [0.0, 1.0, y], [0.0, 0.0, 1.0]])
 
@@ -106,8 +111,8 @@ def person_centric_matrix(center, scale, d: dict, out_hw, target_person_scale: f
   z = jnp.diag(jnp.array([zoom, zoom, 1.0]))
   f = jnp.diag(jnp.array([jnp.where(d["flip_lr"], -1.0, 1.0),
                           jnp.where(d["flip_tb"], -1.0, 1.0), 1.0]))
-  return (_t(out_w // 2, out_h // 2) @ f @ z @ rot
-          @ _t(-(center[0] + d["tx"]), -(center[1] + d["ty"])))
+  m = _mm(_mm(_mm(_t(out_w // 2, out_h // 2), f), z), rot)
+  return _mm(m, _t(-(center[0] + d["tx"]), -(center[1] + d["ty"])))
 
 
 def _affine_from_points(src, dst):
@@ -138,7 +143,7 @@ def standard_matrix(src_hw, d: dict, out_hw, fixed_aspect: bool):
                     jnp.stack([x1, y0])])                         # TL, BL, BR, TR
   c, s = jnp.cos(d["theta"]), jnp.sin(d["theta"])
   rot = jnp.array([[c, -s], [s, c]])
-  quad = ((quad - 0.5) @ rot - jnp.stack([d["tx"] / src_w, d["ty"] / src_h])) / d["zoom"] + 0.5
+  quad = (_mm(quad - 0.5, rot) - jnp.stack([d["tx"] / src_w, d["ty"] / src_h])) / d["zoom"] + 0.5
   quad = jnp.where(d["flip_lr"], quad[::-1], quad)                # TR, BR, BL, TL
   quad = jnp.where(d["flip_tb"], quad[jnp.array([1, 0, 3, 2])], quad)
   quad = quad * jnp.stack([src_w, src_h])
@@ -149,7 +154,7 @@ def standard_matrix(src_hw, d: dict, out_hw, fixed_aspect: bool):
 
 def to_pixel_centres(m):
   """Re-expresses a continuous-coordinate matrix for pixel-centre coordinates."""
-  return _t(-0.5, -0.5) @ m @ _t(0.5, 0.5)
+  return _mm(_mm(_t(-0.5, -0.5), m), _t(0.5, 0.5))
 
 
 def sample_matrix(d: dict, p: AugParams, src_hw, out_hw, center, scale):
@@ -175,14 +180,14 @@ def affine_inverse(m):
                     [0.0, 0.0, 1.0]], dtype=m.dtype)
 
 
-def warp(image, src_hw, m, out_hw, fill: float):
-  """Bilinear warp of image (Hc, Wc, C) -- valid in its top-left src_hw -- by m into out_hw.
+def _bilinear(fetch, src_hw, m, out_hw, fill: float):
+  """Bilinear resampling by m into out_hw: output pixel (x, y) samples the source at m^-1 (x, y, 1).
 
-  Output pixel (x, y) samples the source at m^-1 (x, y, 1); taps outside the valid source area
-  take `fill`, so edges blend with it. Returns float32 (H, W, C).
+  fetch(x, y) -> (H, W, C) float32 values of integer source pixels (x, y int32 (H, W), any range:
+  fetch clips, taps outside the valid top-left src_hw (h, w) are replaced by `fill` here, so
+  edges blend with it). Returns float32 (H, W, C).
   """
   out_h, out_w = out_hw
-  hc, wc, ch = image.shape
   inv = affine_inverse(m)
   ys, xs = jnp.meshgrid(jnp.arange(out_h, dtype=jnp.float32),
                         jnp.arange(out_w, dtype=jnp.float32), indexing="ij")
@@ -191,21 +196,69 @@ def warp(image, src_hw, m, out_hw, fill: float):
   x0, y0 = jnp.floor(sx), jnp.floor(sy)
   fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
   x0, y0 = x0.astype(jnp.int32), y0.astype(jnp.int32)
-  flat = image.reshape(hc * wc, ch).astype(jnp.float32)
   h, w = src_hw[0], src_hw[1]
 
   def tap(x, y):
     ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-    idx = jnp.clip(y, 0, hc - 1) * wc + jnp.clip(x, 0, wc - 1)
-    return jnp.where(ok[..., None], flat[idx], fill)
+    return jnp.where(ok[..., None], fetch(x, y), fill)
 
   return ((1 - fy) * ((1 - fx) * tap(x0, y0) + fx * tap(x0 + 1, y0))
           + fy * ((1 - fx) * tap(x0, y0 + 1) + fx * tap(x0 + 1, y0 + 1)))
 
 
+def warp(image, src_hw, m, out_hw, fill: float):
+  """Bilinear warp of image (Hc, Wc, C) -- valid in its top-left src_hw -- by m into out_hw.
+
+  Output pixel (x, y) samples the source at m^-1 (x, y, 1); taps outside the valid source area
+  take `fill`, so edges blend with it. Returns float32 (H, W, C).
+  """
+  hc, wc, ch = image.shape
+  flat = image.reshape(hc * wc, ch)
+
+  def fetch(x, y):
+    return flat[jnp.clip(y, 0, hc - 1) * wc + jnp.clip(x, 0, wc - 1)].astype(jnp.float32)
+
+  return _bilinear(fetch, src_hw, m, out_hw, fill)
+
+
+def warp_bits(bits, src_hw, m, out_hw, fill: float):
+  """`warp` of a binary mask sent as bits: (Hc, ceil(Wc / 8)) uint8 rows of `np.packbits`.
+
+  Pixel x of a row is bit 7 - x % 8 of byte x // 8 (the first pixel in the high bit); a set bit
+  reads as 255 (valid), a clear one as 0, so the result equals `warp` of the unpacked 0/255 mask.
+  Returns float32 (H, W, 1).
+  """
+  hc, nb = bits.shape
+  flat = bits.reshape(hc * nb)
+
+  def fetch(x, y):
+    x = jnp.clip(x, 0, nb * 8 - 1)
+    byte = flat[jnp.clip(y, 0, hc - 1) * nb + x // 8]
+    bit = (byte >> (7 - x % 8).astype(jnp.uint8)) & 1
+    return (bit.astype(jnp.float32) * 255.0)[..., None]
+
+  return _bilinear(fetch, src_hw, m, out_hw, fill)
+
+
+def fold_turn(m, rotated, size):
+  """The canvas -> input matrix: m (source -> input) after the host's 90-degree turn, if any.
+
+  The host turns a portrait image 90 degrees clockwise onto a landscape canvas
+  (`input_pipeline.DecodeAndPad`, cv2.ROTATE_90_CLOCKWISE: canvas (x', y') = (h - 1 - y, x) for
+  source pixel (x, y) of an h x w image) and keeps joints, centres and scales in the source frame.
+  Returns m . S with S the canvas -> source map (x = y', y = h - 1 - x') when rotated, else m:
+  warping the canvas by it takes the same bilinear taps as warping the unturned image by m, so
+  the network input is the same and the labels (from m) are unchanged. Written out rather than
+  as a matrix product, so no backend rounds it (a TF32 dot would).
+  """
+  h1 = jnp.asarray(size[0], m.dtype) - 1
+  turned = jnp.stack([-m[:, 1], m[:, 0], m[:, 1] * h1 + m[:, 2]], axis=1)
+  return jnp.where(jnp.asarray(rotated) > 0, turned, m)
+
+
 def transform_joints(joints, visibility, m, flip_lr, skeleton: Skeleton):
   """Applies m to (P, J, 2) joints; a left-right flip also swaps left/right joints."""
-  xy = joints @ m[:2, :2].T + m[:2, 2]
+  xy = _mm(joints, m[:2, :2].T) + m[:2, 2]
   perm = jnp.asarray(skeleton.flip_permutation)
   xy = jnp.where(flip_lr, xy[:, perm], xy)
   visibility = jnp.where(flip_lr, visibility[:, perm], visibility)
@@ -245,18 +298,31 @@ def preprocess_sample(key, sample: dict, aug: AugParams, lab: LabelParams, skele
                       draws: Optional[dict] = None) -> dict:
   """One host sample -> network input, labels and loss mask.
 
-  sample: image (Hc, Wc, 3) uint8, mask (Hc, Wc) uint8, size (2,) int (valid h, w),
-  joints (P, J, 2), visibility (P, J), centers (P, 2), scales (P,), num_people (), and
-  optionally valid () uint8/bool: 0 for a sample the host could not read, whose loss mask is
-  then all zeros (the warp's MASK_FILL would otherwise count its surroundings as "no person").
+  sample: image (Hc, Wc, 3) uint8 canvas, size (2,) int (h, w of the image in the frame of its
+  joints), joints (P, J, 2), visibility (P, J), centers (P, 2), scales (P,), num_people (), and
+  the mask as either mask (Hc, Wc) uint8 (0 = ignore .. 255 = valid) or mask_bits
+  (Hc, ceil(Wc / 8)) uint8 (`warp_bits`). Optional: rotated () uint8 (1: the canvas holds the
+  image turned 90 degrees clockwise, valid in its top-left (w, h); `fold_turn`),
+  has_mask () uint8 (0: no mask was sent; every pixel is valid), valid () uint8/bool (0 for a
+  sample the host could not read, whose loss mask is then all zeros: the warp's MASK_FILL would
+  otherwise count its surroundings as "no person").
   Returns image (H, W, 3) float32 normalised, labels (h, w, C), mask (h, w, 1), and the
   transformed joints / valid flags (P, J) per joint (for tests and visualisation).
   """
   size = sample["size"]
   d = draw(key, aug, size) if draws is None else draws
   m = sample_matrix(d, aug, size, lab.input_hw, sample["centers"][0], sample["scales"][0])
-  image = warp(sample["image"], size, m, lab.input_hw, IMAGE_FILL)
-  mask = warp(sample["mask"][..., None], size, m, lab.input_hw, MASK_FILL)
+  # The canvas's frame: the source's, or its 90-degree turn (then valid in (w, h)).
+  rotated = sample.get("rotated", jnp.uint8(0))
+  m_canvas = fold_turn(m, rotated, size)
+  canvas_hw = jnp.where(jnp.asarray(rotated) > 0, jnp.asarray(size)[::-1], jnp.asarray(size))
+  image = warp(sample["image"], canvas_hw, m_canvas, lab.input_hw, IMAGE_FILL)
+  if "mask_bits" in sample:
+    mask = warp_bits(sample["mask_bits"], canvas_hw, m_canvas, lab.input_hw, MASK_FILL)
+  else:
+    mask = warp(sample["mask"][..., None], canvas_hw, m_canvas, lab.input_hw, MASK_FILL)
+  if "has_mask" in sample:
+    mask = jnp.where(jnp.asarray(sample["has_mask"]) > 0, mask, MASK_FILL)
   joints, vis = transform_joints(sample["joints"], sample["visibility"], m, d["flip_lr"],
                                  skeleton)
   real = jnp.arange(joints.shape[0]) < sample["num_people"]
@@ -272,14 +338,19 @@ def preprocess_sample(key, sample: dict, aug: AugParams, lab: LabelParams, skele
 
 
 # The host batch's keys the device step reads (see `preprocess_sample`). OPTIONAL_FIELDS may be
-# absent (hand-made batches): a missing "valid" means every sample was read.
-SAMPLE_FIELDS = ("image", "mask", "size", "joints", "visibility", "centers", "scales",
-                 "num_people", "valid")
-OPTIONAL_FIELDS = ("valid",)
+# absent (hand-made batches): a missing "valid" means every sample was read, a missing "rotated"
+# that none was turned, a missing "has_mask" that the mask is sent for every sample. The mask
+# comes as one of MASK_FIELDS.
+SAMPLE_FIELDS = ("image", "mask", "mask_bits", "has_mask", "rotated", "size", "joints",
+                 "visibility", "centers", "scales", "num_people", "valid")
+MASK_FIELDS = ("mask", "mask_bits")
+OPTIONAL_FIELDS = ("valid", "rotated", "has_mask") + MASK_FIELDS
 
 
 def sample_fields(batch: dict) -> dict:
-  """The SAMPLE_FIELDS of a host batch (KeyError for a missing required one)."""
+  """The SAMPLE_FIELDS of a host batch (KeyError for a missing required one or no mask)."""
+  if not any(k in batch for k in MASK_FIELDS):
+    raise KeyError(f"the batch has no mask: one of {MASK_FIELDS} is needed")
   return {k: batch[k] for k in SAMPLE_FIELDS if k in batch or k not in OPTIONAL_FIELDS}
 
 

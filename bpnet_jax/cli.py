@@ -34,7 +34,12 @@ from bpnet_jax.data import convert, dataset_spec, synthetic
 from bpnet_jax.errors import Error
 from bpnet_jax.export import task as export_task
 from bpnet_jax.inference import coco_eval, detections
-from bpnet_jax.inference.predictor import EXPORTED_SUFFIXES, Predictor, exported_model_config
+from bpnet_jax.inference.predictor import (
+  EXPORTED_SUFFIXES,
+  Predictor,
+  default_workers,
+  exported_model_config,
+)
 from bpnet_jax.skeleton import load_skeleton, skeleton_from_config
 
 
@@ -282,10 +287,15 @@ def _predictor(command, argv, extra):
   parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
   parser.add_argument("--batch_size", type=int, default=1,
-                      help="images per network call (consecutive images of one input shape)")
+                      help="images per network call: images are grouped by network-input shape "
+                           "and the last partial group of each shape is padded, so the network "
+                           "compiles once per shape")
+  parser.add_argument("--workers", type=int, default=default_workers(),
+                      help="threads that read and resize images, and as many that decode the "
+                           "network's maps (default: the number of cores, at most 8)")
   extra(parser)
   args = parser.parse(rest)
-  _positive(parser, "batch_size")
+  _positive(parser, "batch_size", "workers")
   model_path = _model_path(args)
   return args, Predictor.from_path(model_path, _given_config(path, overrides, model_path))
 
@@ -305,7 +315,7 @@ def cmd_inference(argv):
   with _removed_on_failure(args.results_dir):
     result = detections.run(predictor, paths, args.results_dir, args.dump_visualizations,
                             args.overwrite, progress=not args.no_progress,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, workers=args.workers)
   counts = result["counts"]
   print(f"{counts['people']} people in {counts['images']} images ({counts['skipped']} skipped) -> "
         f"{os.path.join(args.results_dir, 'detection.json')}")
@@ -325,7 +335,7 @@ def cmd_evaluate(argv):
   with _removed_on_failure(args.results_dir):
     result = coco_eval.evaluate_dataset(predictor, split.annotations, split.images_dir,
                                         args.results_dir, progress=not args.no_progress,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size, workers=args.workers)
   metrics = result["metrics"]
   print(f"AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}  AR {metrics['AR']:.4f}  on "
         f"{result['images']} images ({len(result['skipped'])} skipped, {result['people']} "
@@ -408,6 +418,9 @@ def cmd_export(argv):
   parser.add_argument("--max_batch_size", type=int, default=1, help="engine profile: batch 1..N")
   parser.add_argument("--max_workspace_size", type=int, default=2 << 30, help="engine, bytes")
   parser.add_argument("--saved_model", help="also write a TF SavedModel here (needs TensorFlow)")
+  parser.add_argument("--input_uint8", action="store_true",
+                      help="input_1 is (B, H, W, 3) uint8 RGB, normalised inside the graph "
+                           "(default: normalised float32, the TAO/DeepStream contract)")
   parser.add_argument("--overwrite", action="store_true")
   args = parser.parse(rest)
   _positive(parser, "max_batch_size", "max_workspace_size", "batches", "batch_size", "opset")
@@ -420,7 +433,7 @@ def cmd_export(argv):
       cal_method=args.cal_method,
       batches=args.batches, batch_size=args.batch_size, engine_file=args.engine_file,
       max_batch_size=args.max_batch_size, max_workspace_size=args.max_workspace_size,
-      saved_model=args.saved_model, overwrite=args.overwrite)
+      saved_model=args.saved_model, overwrite=args.overwrite, input_uint8=args.input_uint8)
   if "saved_model" in report:
     print(f"{args.saved_model}: TF SavedModel, max |diff| vs JAX "
           f"{report['saved_model']['max_abs_diff']:.2e}")
@@ -428,7 +441,8 @@ def cmd_export(argv):
     print(f"{args.engine_file}: TensorRT {report['engine']['tensorrt']} engine, batch "
           f"1..{args.max_batch_size}")
   parity = report["parity"]
-  print(f"{args.output_file}: {args.data_type}, input {report['input']['dims']}, "
+  print(f"{args.output_file}: {args.data_type}, input {report['input']['dtype']} "
+        f"{report['input']['dims']}, "
         f"{sum(report['ops'].values())} nodes; ONNX Runtime vs JAX max |diff| "
         f"{parity['max_abs_diff']:.2e} (tolerance {parity['tolerance'] or 'none for int8'}); "
         "report "

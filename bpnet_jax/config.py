@@ -129,7 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
       shuffle_buffer_size=20000,     # records; >= the dataset size shuffles globally, 0 never
       num_workers=-1,                # host decode processes (0: in the main process; -1: all
                                      # host cores but two with an accelerator, 0 on the CPU)
-      max_image_size=(640, 640),     # host canvas (H, W); larger images are shrunk to fit
+      max_image_size=(480, 640),     # host canvas (H, W): portrait images are turned onto it,
+                                     # larger ones shrunk (COCO's 640x480s fit whole)
       max_people=20,                 # people per record kept (main person first)
       # More unreadable samples than this share of an epoch stop training (a wrong root?).
       max_unreadable_fraction=0.01,

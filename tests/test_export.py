@@ -53,6 +53,7 @@ def test_fp32_parity_dynamic_size_and_batch(tmp_path, attention):
   out = tmp_path / "m.onnx"
   r = E.export(c, v, str(out))
   assert r["parity"]["max_abs_diff"] < 1e-4
+  assert r["input"]["dtype"] == "float32" and not r["input"]["normalization"]["in_graph"]
   assert [1, 128, 160, 3] in r["parity"]["inputs"] and [3, 128, 160, 3] in r["parity"]["inputs"]
   assert [2, 160, 96, 3] in r["parity"]["inputs"]            # a second input size
   assert set(r["ops"]) <= PLAIN_OPS, r["ops"]
@@ -85,6 +86,36 @@ def test_fixed_size_fp16_and_sdk_models(tmp_path):
     E.export(c, v, str(tmp_path / "s.onnx"), input_dims=(64, 64))
   with pytest.raises(E.ExportError, match="multiples of 8"):
     E.export(c, v, str(tmp_path / "x.onnx"), input_dims=(60, 64))
+
+
+def test_uint8_input_normalised_in_the_graph(tmp_path):
+  """--input_uint8: input_1 is (B, H, W, 3) uint8 and the graph normalises it (fp32, dynamic
+  size; fp16, fixed size); parity is checked on uint8 images; the report records it; the
+  Predictor feeds it pixels and gets the checkpoint's maps."""
+  import onnx
+  c, m, v = tiny()
+  c.dataloader.normalization_params.image_scale = [255.0, 200.0, 256.0]   # per channel
+  c.dataloader.normalization_params.image_offset = [0.5, 0.4, 0.6]
+  out = tmp_path / "u8.onnx"
+  r = E.export(c, v, str(out), input_uint8=True)
+  assert r["input"]["dtype"] == "uint8" and r["input"]["normalization"]["in_graph"]
+  assert r["input"]["normalization"]["scale"] == [255.0, 200.0, 256.0]
+  assert r["parity"]["max_abs_diff"] < 1e-4 and [2, 160, 96, 3] in r["parity"]["inputs"]
+  assert json.load(open(tmp_path / "u8.report.json"))["input"]["dtype"] == "uint8"
+  proto = onnx.load(str(out))
+  assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+  assert [n.op_type for n in proto.graph.node[:3]] == ["Cast", "Div", "Sub"]
+  image = np.random.default_rng(2).integers(0, 255, (90, 130, 3), np.uint8)
+  c.inference.input_shape = (64, 96)
+  p = predictor.Predictor.from_path(str(out), c)
+  assert p.backend.uint8_input
+  want = predictor.Predictor.from_variables(c, v).maps(image)
+  got = p.maps(image)
+  np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-4)
+  r16 = E.export(c, v, str(tmp_path / "u8h.onnx"), input_dims=(64, 96), data_type="fp16",
+                 input_uint8=True)
+  assert r16["input"]["dtype"] == "uint8" and 0 < r16["parity"]["max_abs_diff"] < 5e-2
 
 
 def test_pruned_model_trains_a_step_and_exports(tmp_path):
@@ -131,6 +162,13 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
   b = predictor.Predictor.from_path(str(out)).maps(image)     # OUT.config.json describes it
   np.testing.assert_allclose(a[0], b[0], atol=1e-4)
   np.testing.assert_allclose(a[1], b[1], atol=1e-4)
+  # --input_uint8: the model takes pixels; same maps.
+  assert cli.main(["export", f"--workdir={workdir}", f"-o={tmp_path / 'u8.onnx'}",
+                   "--input_uint8"]) == 0
+  assert "input uint8" in capsys.readouterr().out
+  u8 = predictor.Predictor.from_path(str(tmp_path / "u8.onnx"))
+  assert u8.backend.uint8_input
+  np.testing.assert_allclose(u8.maps(image)[0], a[0], atol=1e-4)
 
 
 def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
@@ -182,6 +220,15 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   assert r2["int8"]["calibration"] == "cache"
   s8b = ort.InferenceSession(str(tmp_path / "m8b.onnx"), providers=["CPUExecutionProvider"])
   for a, b in zip(s8b.run(None, {"input_1": x}), got):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  # uint8 input on the int8 model: the same Q/DQ graph behind an in-graph normalisation.
+  r3 = E.export(c, v, str(tmp_path / "m8u.onnx"), input_dims=(64, 96), data_type="int8",
+                calibration=dict(cal, data=None), input_uint8=True, overwrite=True)
+  assert r3["input"]["dtype"] == "uint8"
+  pixels = np.random.default_rng(4).integers(0, 255, (2, 64, 96, 3), np.uint8)
+  s8u = ort.InferenceSession(str(tmp_path / "m8u.onnx"), providers=["CPUExecutionProvider"])
+  for a, b in zip(s8u.run(None, {"input_1": pixels}),
+                  s8b.run(None, {"input_1": E.normalize(pixels, (256.0,) * 3, (0.5,) * 3)})):
     np.testing.assert_allclose(a, b, atol=1e-6)
   (tmp_path / "bad.bin").write_text("not a cache\n")
   with pytest.raises(E.ExportError, match="not a TensorRT calibration cache"):

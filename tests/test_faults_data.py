@@ -63,7 +63,7 @@ def test_unreadable_image_gives_an_invalid_sample_of_the_same_shapes(synth, tmp_
   for k in good:
     assert np.shape(good[k]) == np.shape(bad[k]) and np.asarray(good[k]).dtype == \
         np.asarray(bad[k]).dtype, k
-  assert not bad["mask"].any() and int(bad["num_people"]) == 0
+  assert not bad["mask_bits"].any() and int(bad["num_people"]) == 0
   assert "valid" in augment.SAMPLE_FIELDS
 
 
@@ -147,7 +147,7 @@ def test_missing_mask_file_still_falls_back_to_all_valid(synth, tmp_path):
   s = _decoder(str(copy))(_raw_records(recs)[0])
   assert int(s["valid"]) == 1
   h, w = s["size"]
-  assert (s["mask"][:h, :w] == 255).all()
+  assert int(s["has_mask"]) == 0 and (ip.unpack_mask(s)[:h, :w] == 255).all()
 
 
 # ----------------------------------------------------------------------------------------------

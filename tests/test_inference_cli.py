@@ -103,7 +103,7 @@ def test_evaluate_writes_metrics(setup, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--config.inference.input_shape=[100,100]"], "config.inference.input_shape"),
-    (["--config.model.stages=3"], "has 2 stages but the config's model has 3"),
+    (["--config.model.stages=3"], "config.model.stages=3 but the model in"),
     (["--input_type=video"], "argument --input_type: invalid choice"),
     (["--batch_size=0"], "--batch_size 0: expected an integer >= 1"),
     (["--model=/nonexistent/model.onnx"], "no such model"),

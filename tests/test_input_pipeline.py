@@ -47,7 +47,8 @@ def test_decode_and_pad(data):
   from array_record.python import array_record_data_source
   s = dec(array_record_data_source.ArrayRecordDataSource([a[2]])[0])
   rec = src[0]
-  assert s["image"].shape == (128, 192, 3) and s["mask"].shape == (128, 192)
+  assert s["image"].shape == (128, 192, 3) and s["mask_bits"].shape == (128, 24)
+  assert int(s["has_mask"]) == 1 and int(s["rotated"]) == 0
   assert s["size"].tolist() == [120, 160]
   img = cv2.cvtColor(cv2.imread(os.path.join(a[0], rec["image_path"])), cv2.COLOR_BGR2RGB)
   np.testing.assert_array_equal(s["image"][:120, :160], img)
@@ -57,7 +58,7 @@ def test_decode_and_pad(data):
   np.testing.assert_allclose(s["joints"][:n], rec["joints"][:n])
   assert (s["visibility"][n:] == 4).all()
   mask = cv2.imread(os.path.join(a[0], rec["mask_path"]), cv2.IMREAD_GRAYSCALE)
-  np.testing.assert_array_equal(s["mask"][:120, :160], mask)
+  np.testing.assert_array_equal(ip.unpack_mask(s)[:120, :160], mask)
 
 
 def test_images_larger_than_the_canvas_are_shrunk(data):
@@ -145,7 +146,7 @@ def test_unreadable_image_becomes_an_ignored_sample(data, tmp_path):
   records.write_records(path, [rec])
   from array_record.python import array_record_data_source
   s = _decoder(data)(array_record_data_source.ArrayRecordDataSource([path])[0])
-  assert int(s["num_people"]) == 0 and not s["mask"].any()
+  assert int(s["num_people"]) == 0 and int(s["valid"]) == 0 and not s["mask_bits"].any()
 
 
 def test_prefetch_to_device_pairs_batches_with_states(data):

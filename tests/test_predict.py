@@ -3,6 +3,7 @@ network call (jitted once per shape), checkpoint/config mismatches."""
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -245,3 +246,72 @@ def test_checkpoint_that_does_not_fit_its_model_is_one_clear_error(trained_workd
   expected = model_lib.abstract_variables(model_lib.build_model(wrong.model, saved.skeleton))
   with pytest.raises(CheckpointError, match="does not fit the config's model"):
     checkpoint.check_variables(workdir, expected, saved.variables)
+
+
+def numpy_variables(net, seed=0):
+  """Random {'params', 'batch_stats'} drawn with NumPy (LeCun-normal kernels, zero biases,
+  unit BatchNorm statistics): `model.init_variables` compiles ~60 samplers op by op, seconds on
+  a loaded 2-core machine, for values no test here depends on."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.normal(size=a.shape) / np.sqrt(np.prod(a.shape[:-1]))).astype(a.dtype)
+    return (np.ones if name in ("var", "scale") else np.zeros)(a.shape, a.dtype)
+  return jax.tree_util.tree_map_with_path(fill, model_lib.abstract_variables(net))
+
+
+def test_predict_iter_compiles_once_per_network_shape_whatever_the_order():
+  """Contract (issue 18 e): mixed aspect ratios through predict_iter(batch_size=4) are bucketed
+  by network-input shape and partial buckets padded, so the jitted forward compiles at most once
+  per distinct shape and each shape takes ceil(n / 4) calls; results are batch_size=1's, in
+  input order, unreadable items included; a small reorder buffer flushes early, same results."""
+  import collections
+  import math
+
+  c = config_for("adjust_network_input", (64, 96))
+  c.inference.paf_threshold, c.inference.min_parts, c.inference.min_mean_score = -1.0, 1, 0.0
+  variables = numpy_variables(model_lib.build_model(c.model, SK))
+  rng = np.random.default_rng(4)
+  # Wide, tall and square photos (network inputs 64x128, 160x96 and 96x96), shuffled.
+  sizes = [(101, 157)] * 6 + [(157, 101)] * 3 + [(99, 99)] * 2
+  images = [rng.integers(0, 255, sizes[i] + (3,), np.uint8) for i in rng.permutation(11)]
+  items = list(range(len(images)))
+  items.insert(5, "unreadable")
+
+  def load(i):
+    if i == "unreadable":
+      raise InferenceError("unreadable: not a readable image")
+    return images[i]
+
+  # A random network's heatmaps are tiny: a threshold at their 90th percentile finds some
+  # "people" (non-trivial results) and keeps decoding fast.
+  ref = predictor.Predictor.from_variables(c, variables)
+  c.inference.heatmap_threshold = float(np.quantile(ref.maps(images[0])[0][..., :-1], 0.9))
+  ref.decode_kwargs["heatmap_threshold"] = c.inference.heatmap_threshold
+  one = list(ref.predict_iter(items, load=load))
+  assert sum(len(o[1]) for o in one if o[1]) > 20
+  shapes = collections.Counter(
+      predictor.Predictor(c, None).prepare(im)[0][0].shape[:2] for im in images)
+  assert len(shapes) == 3
+  p = predictor.Predictor.from_variables(c, variables)
+  fwd, calls = p.backend._forward, []
+  p.backend._forward = lambda v, x: (calls.append(x.shape[:3]), fwd(v, x))[1]
+  for max_buffered in (None, 4):
+    calls.clear()
+    many = list(p.predict_iter(items, load=load, batch_size=4, workers=2,
+                               max_buffered=max_buffered))
+    assert fwd._cache_size() <= len(shapes)            # 3, not one per (batch size, shape)
+    assert {s[0] for s in calls} == {4}                # partial buckets padded
+    if max_buffered is None:
+      assert collections.Counter(tuple(s[1:]) for s in calls) == {
+          hw: math.ceil(n / 4) for hw, n in shapes.items()}
+    assert [o[0] for o in many] == items
+    assert [o[2] is None for o in many] == [i != "unreadable" for i in items]
+    for a, b in zip(one, many):
+      if a[1] is None:
+        continue
+      assert len(a[1]) == len(b[1])
+      for x, y in zip(a[1], b[1]):
+        np.testing.assert_allclose(x["keypoints"], y["keypoints"], atol=1e-3)

@@ -1,13 +1,18 @@
 """The training input pipeline: grain on the host, augmentation and targets on the device.
 
 Host (grain, worker processes): read a record (random access into ArrayRecord files), decode the
-JPEG and the mask PNG, shrink images larger than the canvas, pad image and mask to a fixed canvas
-and the people to a fixed count, and batch. Shuffling is by index (globally, or in windows of
-`shuffle_buffer_size` records), reshuffled every epoch; the iterator state is a small dict that
-checkpoints store, so a resumed run sees exactly the batches it would have seen.
+JPEG and the mask PNG, turn a portrait image 90 degrees when that lets it onto the (landscape)
+canvas with less shrinking, shrink images still larger than the canvas, pad the image to the fixed
+canvas, pack the binary mask to bits (or send none: `has_mask`), pad the people to a fixed count,
+and batch -- each whole batch in one worker, straight into shared memory, so the main process
+copies nothing before the transfer. Shuffling is by index (globally, or in windows of
+`shuffle_buffer_size` records), reshuffled every epoch; the iterator state is the number of
+samples consumed, which checkpoints store, so a resumed run sees exactly the batches it would
+have seen (with any number of workers).
 
 Device: `augment.make_device_preprocess` turns a host batch into normalised images, labels and
-loss masks under jit + vmap.
+loss masks under jit + vmap; the host's turn is folded into the augmentation matrix there
+(`augment.fold_turn`), so the network sees the same input and labels as without it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,14 @@ _RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError,
                   msgpack.UnpackException)
 # Per person: (bytes per joint, per-person bytes besides joints) of each array field.
 _ARRAY_FIELDS = {"joints": (8, 0), "visibility": (1, 0), "centers": (0, 8), "scales": (0, 4)}
+# Mask pixels from this value up count as valid (255) when packed to bits; the converter writes
+# only 0 and 255, so for its masks the bits are exact.
+MASK_THRESHOLD = 128
+# Batches each decode worker keeps ready besides the one it is filling (each a whole batch in
+# shared memory: workers x (this + 2) x batch bytes of /dev/shm at most).
+WORKER_BUFFER_BATCHES = 1
+# Decode threads in the main process when num_workers = 0 (cv2 releases the GIL while decoding).
+MAIN_PROCESS_THREADS = 2
 
 
 def _with_index(index: int, data: bytes):
@@ -76,14 +89,51 @@ def _record_problem(data: bytes) -> tuple:
   return iid, "fields that do not fit together"
 
 
+def canvas_fit(h: int, w: int, canvas_hw) -> tuple:
+  """(shrink factor <= 1, turn): how an h x w image goes onto a canvas (Hc, Wc).
+
+  An image is turned 90 degrees only when the turn lets it keep more of its size (a portrait
+  image on a landscape canvas that it does not fit upright); ties keep it upright.
+  """
+  ch, cw = canvas_hw
+  upright = min(1.0, ch / h, cw / w)
+  turned = min(1.0, ch / w, cw / h)
+  return (turned, True) if turned > upright else (upright, False)
+
+
+def mask_bytes_per_row(canvas_w: int) -> int:
+  """Bytes of one canvas row of a bit-packed mask (`np.packbits`: 8 pixels a byte)."""
+  return (int(canvas_w) + 7) // 8
+
+
+_warned_grey_mask = False
+
+
+def _pack_mask(mask: np.ndarray, out: np.ndarray) -> None:
+  """Packs a 0/255 mask (h, w) into the top-left of out (Hc, ceil(Wc / 8)): bit 1 = valid."""
+  global _warned_grey_mask
+  valid = mask >= MASK_THRESHOLD
+  if not _warned_grey_mask and np.count_nonzero(valid) + np.count_nonzero(mask == 0) != mask.size:
+    _warned_grey_mask = True      # once per process: the data, not a sample, is the problem
+    log.warning("a mask holds values other than 0 and 255; they are sent as valid from %d up "
+                "(masks are binary: dataset_convert writes 0 and 255)", MASK_THRESHOLD)
+  bits = np.packbits(valid, axis=1)
+  out[:bits.shape[0], :bits.shape[1]] = bits
+
+
 class DecodeAndPad:
   """Record bytes, or (record index, bytes), -> one fixed-shape numpy sample.
 
-  Keys: those `augment.preprocess_sample` reads (image (Hc, Wc, 3) uint8, mask (Hc, Wc) uint8,
-  size (2,) int32, joints (P, J, 2) float32 px, visibility (P, J) uint8, centers (P, 2) float32
-  px, scales (P,) float32 px, num_people () int32, valid () uint8), plus image_id () int64 and
-  record_index () int64 (the record's index in its source; -1 when called with bare bytes).
-  valid is 0 for a sample whose image could not be read: image and mask all zero, no people,
+  Keys: those `augment.preprocess_sample` reads -- image (Hc, Wc, 3) uint8 canvas, mask_bits
+  (Hc, ceil(Wc / 8)) uint8 (the mask's rows as `np.packbits`, 1 = valid; all zero when
+  has_mask is 0), has_mask () uint8 (0: the record has no mask, or it could not be read: every
+  pixel is valid), rotated () uint8 (1: the image is on the canvas turned 90 degrees clockwise,
+  in its top-left (w, h); see `canvas_fit`, `augment.fold_turn`), size (2,) int32 (h, w of the
+  image upright, after any shrinking: the frame of the joints), joints (P, J, 2) float32 px,
+  visibility (P, J) uint8, centers (P, 2) float32 px, scales (P,) float32 px, num_people ()
+  int32, valid () uint8 -- plus image_id () int64 and record_index () int64 (the record's index
+  in its source; -1 when called with bare bytes). The canvas outside the image is zero.
+  valid is 0 for a sample whose image could not be read: image all zero, no mask, no people,
   and the device step gives it an all-zero loss mask; `UnreadableGuard` counts these.
 
   A record's image_path / mask_path must resolve inside its dataset's root or a directory its
@@ -149,7 +199,7 @@ class DecodeAndPad:
     ch, cw = self.canvas_hw
     image = cv2.imread(path, cv2.IMREAD_COLOR)
     out_image = np.zeros((ch, cw, 3), np.uint8)
-    out_mask = np.zeros((ch, cw), np.uint8)
+    out_bits = np.zeros((ch, mask_bytes_per_row(cw)), np.uint8)
     p, j = self.max_people, self.num_joints
     joints = np.zeros((p, j, 2), np.float32)
     vis = np.full((p, j), int(Visibility.NOT_LABELED), np.uint8)
@@ -161,38 +211,58 @@ class DecodeAndPad:
       # and `UnreadableGuard` can stop a run where many are.
       log.warning("%s: cannot read image (record of image %s); sample ignored", path,
                   rec["image_id"])
-      return dict(image=out_image, mask=out_mask, size=np.array([ch, cw], np.int32),
-                  joints=joints, visibility=vis, centers=centers, scales=scales,
-                  num_people=np.int32(0), valid=np.uint8(0), **ids)
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+      return dict(image=out_image, mask_bits=out_bits, has_mask=np.uint8(0),
+                  rotated=np.uint8(0), size=np.array([ch, cw], np.int32), joints=joints,
+                  visibility=vis, centers=centers, scales=scales, num_people=np.int32(0),
+                  valid=np.uint8(0), **ids)
+    mask = None
     if mpath:
       mask = cv2.imread(mpath, cv2.IMREAD_GRAYSCALE)
       if mask is None or mask.shape != image.shape[:2]:
         log.warning("%s: mask missing or of the wrong size; using an all-valid mask", mpath)
-        mask = np.full(image.shape[:2], 255, np.uint8)
-    else:
-      mask = np.full(image.shape[:2], 255, np.uint8)
+        mask = None
     h, w = image.shape[:2]
     n = min(rec["num_people"], p)
     rj, rc, rs = rec["joints"][:n], rec["centers"][:n], rec["scales"][:n]
-    scale = min(1.0, ch / h, cw / w)
+    scale, turn = canvas_fit(h, w, self.canvas_hw)
     if scale < 1.0:
-      # Larger than the canvas: shrink on the host (rare; the canvas fits COCO's 640 px).
+      # Larger than the canvas even turned: shrink on the host (rare: 480x640 holds COCO).
       nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
       image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-      mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
+      if mask is not None:
+        mask = cv2.resize(mask, (nw, nh), interpolation=cv2.INTER_NEAREST)
       sx, sy = nw / w, nh / h
       # Pixel-centre convention: x' = (x + 0.5) * s - 0.5.
       rj = (rj + 0.5) * np.array([sx, sy], np.float32) - 0.5
       rc = (rc + 0.5) * np.array([sx, sy], np.float32) - 0.5
       rs = rs * sy
       h, w = nh, nw
-    out_image[:h, :w] = image
-    out_mask[:h, :w] = mask
+    if turn:
+      # Joints, centres and scales stay upright; the device folds the turn into its warp.
+      image = cv2.rotate(image, cv2.ROTATE_90_CLOCKWISE)
+      if mask is not None:
+        mask = cv2.rotate(mask, cv2.ROTATE_90_CLOCKWISE)
+    # BGR -> RGB straight onto the canvas (one pass; numpy's reversed-channel copy is 20x slower).
+    roi = out_image[:image.shape[0], :image.shape[1]]
+    res = cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=roi)
+    if not np.shares_memory(res, roi):      # OpenCV wrote elsewhere: copy it over
+      roi[...] = res
+    if mask is not None:
+      _pack_mask(mask, out_bits)
     joints[:n], vis[:n], centers[:n], scales[:n] = rj, rec["visibility"][:n], rc, rs
-    return dict(image=out_image, mask=out_mask, size=np.array([h, w], np.int32), joints=joints,
+    return dict(image=out_image, mask_bits=out_bits, has_mask=np.uint8(mask is not None),
+                rotated=np.uint8(turn), size=np.array([h, w], np.int32), joints=joints,
                 visibility=vis, centers=centers, scales=scales, num_people=np.int32(n),
                 valid=np.uint8(1), **ids)
+
+
+def unpack_mask(sample: dict) -> np.ndarray:
+  """The 0/255 mask (Hc, Wc) uint8 of a decoded sample (or (B, Hc, Wc) of a batch), as a tool
+  for tests and visualisation: `mask_bits` unpacked, all 255 where has_mask is 0."""
+  wc = sample["image"].shape[-2]
+  mask = np.unpackbits(sample["mask_bits"], axis=-1, count=wc) * np.uint8(255)
+  has = np.asarray(sample["has_mask"]).reshape(np.shape(sample["has_mask"]) + (1, 1))
+  return np.where(has > 0, mask, np.uint8(255))
 
 
 class RecordImagePaths:
@@ -347,25 +417,81 @@ def auto_num_workers(platform: Optional[str] = None, cores: Optional[int] = None
   return max(1, min(int(cores) - 2, 32))
 
 
-def make_iterator(ds, batch_size: int, num_workers: int = 0, state: Optional[dict] = None):
-  """Iterator of batches (dicts of stacked arrays) over `ds`, restored from `state`.
+def samples_consumed(state: dict) -> int:
+  """Samples a saved iterator state had consumed: {"samples": n}, or an older run's grain state.
 
-  With workers, samples are decoded in `num_workers` processes and batched in this one: moving
-  single samples between processes is cheaper than moving whole batches. num_workers=-1: see
-  `auto_num_workers`.
+  Before batches were made in the workers, checkpoints stored grain's own per-sample state:
+  {"next_index": n} without workers, and one {"next_index": n_i} per worker (summed) with them.
+  """
+  if not isinstance(state, dict):
+    raise DataError(f"the checkpoint's data position {state!r} is not an iterator state")
+  if "samples" in state:
+    return int(state["samples"])
+  if "next_index" in state:
+    return int(state["next_index"])
+  if "iterators_in_use_states" in state:
+    return sum(int(w["next_index"]) for w in state["iterators_in_use_states"])
+  raise DataError(f"the checkpoint's data position {sorted(state)} is not one this input "
+                  "pipeline wrote; resume from a checkpoint of this version or start afresh")
+
+
+class BatchIterator:
+  """Batches (dicts of (B, ...) numpy arrays) of a MapDataset of samples, from sample `start`.
+
+  Batch k holds samples start + [k B, (k + 1) B): grain batches the MapDataset by index, so the
+  order is the same with any number of workers. With workers, each batch is decoded and stacked
+  by one worker process into shared memory (grain copies a batch there once; the main process
+  maps it without a copy), and up to num_workers x WORKER_BUFFER_BATCHES batches wait ready.
+  get_state() -> {"samples": n consumed}, which `make_iterator(state=...)` resumes from.
+  """
+
+  def __init__(self, ds, batch_size: int, num_workers: int = 0, start: int = 0):
+    self.batch_size = int(batch_size)
+    self.samples = int(start)
+    if start:
+      ds = ds[start:]
+    batched = ds.batch(self.batch_size, drop_remainder=True)
+    if num_workers > 0:
+      # One decode thread per worker and one batch read ahead: workers are the parallelism, and
+      # every batch ahead holds its whole size in memory.
+      it_ds = batched.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+      it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
+    else:
+      it_ds = batched.to_iter_dataset(grain.ReadOptions(
+          num_threads=MAIN_PROCESS_THREADS, prefetch_buffer_size=MAIN_PROCESS_THREADS))
+    self._it = iter(it_ds)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self._it)
+    self.samples += self.batch_size
+    return batch
+
+  def get_state(self) -> dict:
+    return {"samples": self.samples}
+
+  def close(self) -> None:
+    if hasattr(self._it, "close"):
+      self._it.close()
+
+
+def make_iterator(ds, batch_size: int, num_workers: int = 0,
+                  state: Optional[dict] = None) -> BatchIterator:
+  """`BatchIterator` over the MapDataset `ds`, resumed from `state` (a `get_state()` dict).
+
+  num_workers=-1: see `auto_num_workers`. Batches are made whole in the workers rather than
+  from single samples in this process: receiving samples one by one cost the main process ~10x
+  more per image (one shared-memory block each) than receiving whole batches.
   """
   if num_workers < 0:
     num_workers = auto_num_workers()
   if not flags.FLAGS.is_parsed():   # grain reads absl flags; library users may not parse any.
     flags.FLAGS.mark_as_parsed()
-  it_ds = ds.to_iter_dataset()
-  if num_workers > 0:
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=max(2, batch_size // num_workers)))
-  it = iter(it_ds.batch(batch_size, drop_remainder=True))
-  if state is not None:
-    it.set_state(state)
-  return it
+  start = samples_consumed(state) if state is not None else 0
+  return BatchIterator(ds, batch_size, num_workers, start)
 
 
 def decoder_from_config(config, skeleton) -> DecodeAndPad:

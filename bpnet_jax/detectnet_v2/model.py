@@ -214,8 +214,14 @@ def resolved_widths(net: "DetectNetV2", spec: tuple) -> dict:
   return widths
 
 
-_ACTIVATIONS = {"relu": nn.relu, None: lambda y: y,
-                "sigmoid": lambda y: nn.sigmoid(y.astype(jnp.float32))}   # in float32 (loss)
+def _activate(y, activation: str | None):
+  # Looked up at call time (exporters swap nn.relu / nn.sigmoid while tracing); the sigmoid runs
+  # in float32 because the coverage feeds the loss.
+  if activation == "relu":
+    return nn.relu(y)
+  if activation == "sigmoid":
+    return nn.sigmoid(y.astype(jnp.float32))
+  return y
 
 
 class DetectNetV2(nn.Module):
@@ -255,7 +261,7 @@ class DetectNetV2(nn.Module):
                          epsilon=1e-3, dtype=self.dtype, name=layer.bn)(y)
       if layer.add:
         y = y + env[layer.add]
-      env[layer.name] = _ACTIVATIONS[layer.activation](y)
+      env[layer.name] = _activate(y, layer.activation)
     return env["output_cov"], env["output_bbox"].astype(jnp.float32)
 
 

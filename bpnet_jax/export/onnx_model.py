@@ -5,7 +5,10 @@ The ONNX graph comes from the jaxpr (jax2onnx), not from TensorFlow (docs/decisi
 (B, H/8, W/8, J+1) and `paf_out` (B, H/8, W/8, 2L) of the last stage (or
 `inference.output_stage_to_use`); the batch is dynamic, height and width fixed (`input_dims`) or
 dynamic. `sdk_compatible` adds the original's fixed x4 nearest-neighbour upsampling of the PAF
-output. fp16 models compute in float16 with float32 inputs and outputs.
+output. fp16 models compute in float16 with float32 inputs and outputs. `input_uint8` instead
+takes `input_1` (B, H, W, 3) uint8 RGB and normalises inside the graph (Cast, Div, Sub: x /
+scale - offset of config.dataloader.normalization_params): a quarter of the bytes per image for
+runtimes that copy the input to a device (fp32, fp16 and int8 alike).
 
 Every export is checked with ONNX Runtime against JAX on random and photo-like images; the
 maximum absolute differences go to OUT.report.json and the export fails if fp32 exceeds 1e-4.
@@ -34,7 +37,7 @@ from bpnet_jax import model as model_lib
 from bpnet_jax.data import synthetic
 from bpnet_jax.errors import ExportError
 from bpnet_jax.export import int8
-from bpnet_jax.inference.preprocess import preprocess
+from bpnet_jax.inference.preprocess import pad_value, preprocess
 from bpnet_jax.skeleton import skeleton_from_config
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
@@ -104,6 +107,30 @@ def to_onnx_model(model, variables, input_dims: Sequence[int] | None = None, *,
   return to_fp16(proto) if dtype == "fp16" else proto
 
 
+def add_uint8_input(proto, image_scale, image_offset):
+  """The graph's float input `input_1` becomes (B, H, W, 3) uint8 RGB, normalised in the graph:
+  Cast to float32, Div by image_scale, Sub image_offset (per channel), then the original graph.
+  Works on fp32, fp16 (its own Cast to float16 follows) and Q/DQ int8 graphs alike."""
+  import onnx  # optional extra
+  from onnx import TensorProto, helper, numpy_helper
+  g = proto.graph
+  inp = g.input[0].name
+  norm = inp + "_normalized"
+  for n in g.node:
+    n.input[:] = [norm if x == inp else x for x in n.input]
+  per_channel = lambda v: np.broadcast_to(np.asarray(v, np.float32), (3,)).copy()
+  g.initializer.extend([numpy_helper.from_array(per_channel(image_scale), inp + "_scale"),
+                        numpy_helper.from_array(per_channel(image_offset), inp + "_offset")])
+  nodes = [helper.make_node("Cast", [inp], [inp + "_float"], to=TensorProto.FLOAT),
+           helper.make_node("Div", [inp + "_float", inp + "_scale"], [inp + "_scaled"]),
+           helper.make_node("Sub", [inp + "_scaled", inp + "_offset"], [norm])]
+  for k, node in enumerate(nodes):
+    g.node.insert(k, node)
+  g.input[0].type.tensor_type.elem_type = TensorProto.UINT8
+  onnx.checker.check_model(proto)
+  return proto
+
+
 def to_fp16(proto):
   """float16 weights and compute; the input and outputs stay float32 (Cast at both ends).
   Resize's roi/scales stay float32 as ONNX requires."""
@@ -147,7 +174,9 @@ def op_inventory(proto) -> dict:
 
 
 def check_parity(proto_or_path, jax_fn, inputs: Sequence[np.ndarray]) -> float:
-  """Max |ONNX Runtime - JAX| over both outputs and all inputs."""
+  """Max |ONNX Runtime - JAX| over both outputs and all inputs (fed to both as they are:
+  normalised float32, or uint8 images for a uint8-input model and a `jax_fn` that
+  normalises)."""
   import onnxruntime as ort  # optional extra
   data = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
   opts = ort.SessionOptions()
@@ -173,28 +202,39 @@ def photo_like_images(count: int = 2, seed: int = 0) -> list[np.ndarray]:
 
 
 def check_inputs(input_dims, images: Sequence[np.ndarray] = (), seed: int = 0,
-                 fill=(128, 128, 128), image_scale=(256.0,) * 3, image_offset=(0.5,) * 3):
-  """Normalised check inputs: random batches (1 and 3) and images preprocessed like
-  inference (pad_image_input at input_dims, or 128x160 when dynamic)."""
+                 fill=(128, 128, 128), image_scale=(256.0,) * 3, image_offset=(0.5,) * 3,
+                 uint8: bool = False):
+  """Check inputs: random batches (1 and 3, and a second size when dynamic) and images
+  preprocessed like inference (pad_image_input at input_dims, or 128x160 when dynamic).
+  Normalised float32 (x / image_scale - image_offset), or the (B, H, W, 3) uint8 pixels when
+  `uint8` (for a uint8-input model)."""
   h, w = input_dims if input_dims else (128, 160)
   rng = np.random.default_rng(seed)
-  out = [rng.uniform(-0.5, 0.5, (1, h, w, 3)).astype(np.float32),
-         rng.uniform(-0.5, 0.5, (3, h, w, 3)).astype(np.float32)]
-  if not input_dims:
-    out.append(rng.uniform(-0.5, 0.5, (2, h + 32, w - 64, 3)).astype(np.float32))
+  shapes = [(1, h, w, 3), (3, h, w, 3)] + ([] if input_dims else [(2, h + 32, w - 64, 3)])
+  out = [rng.integers(0, 256, s, np.uint8) for s in shapes] if uint8 else \
+      [rng.uniform(-0.5, 0.5, s).astype(np.float32) for s in shapes]
   real = [preprocess(im, (h, w), "pad_image_input", fill)[0] for im in images]
   if real:
-    x = np.stack(real).astype(np.float32) / np.asarray(image_scale, np.float32) \
-        - np.asarray(image_offset, np.float32)
-    out.append(x)
+    out.append(np.stack(real) if uint8 else normalize(np.stack(real), image_scale, image_offset))
   return out
+
+
+def normalize(images, image_scale, image_offset):
+  """(..., 3) uint8 pixels -> float32 x / image_scale - image_offset (the network's input)."""
+  return (np.asarray(images).astype(np.float32) / np.asarray(image_scale, np.float32)
+          - np.asarray(image_offset, np.float32))
 
 
 def export(config, variables, out_path: str, *, input_dims: Sequence[int] | None = None,
            data_type: str = "fp32", opset: int = OPSET, sdk_compatible: bool = False,
            check_images: Sequence[np.ndarray] = (), overwrite: bool = False,
-           calibration: dict | None = None) -> dict:
+           calibration: dict | None = None, input_uint8: bool = False) -> dict:
   """Writes OUT.onnx and OUT.report.json (atomically); returns the report.
+
+  input_uint8: `input_1` is (B, H, W, 3) uint8 RGB, normalised inside the graph with the
+  config's normalization_params (report: "input": {"dtype": "uint8", ...}); the default is the
+  TAO/DeepStream contract, normalised float32. Parity is then checked on uint8 images against
+  JAX normalising them the same way.
 
   int8: `calibration` = {"data": callable -> (N, H, W, 3) normalised tensor (called only if the
   cache is absent), "batch_size", "method" (entropy|percentile|minmax), "cache_file" (TensorRT
@@ -227,16 +267,26 @@ def export(config, variables, out_path: str, *, input_dims: Sequence[int] | None
   if data_type == "int8":
     proto, int8_info = int8.quantize_model(proto, out_path, calibration, overwrite)
   n = config.dataloader.normalization_params
-  inputs = check_inputs(input_dims, check_images, image_scale=n.image_scale,
-                        image_offset=n.image_offset)
-  ref_fn = jax.jit(inference_fn(model, variables, stage, sdk_compatible))
-  diff = check_parity(proto, ref_fn, inputs)
+  fn = inference_fn(model, variables, stage, sdk_compatible)
+  if input_uint8:
+    # After fp16/int8 conversion: the prefix stays float32 and feeds their own first nodes.
+    proto = add_uint8_input(proto, n.image_scale, n.image_offset)
+    net_fn = fn
+    fn = lambda x: net_fn(x.astype(jnp.float32) / jnp.asarray(n.image_scale, jnp.float32)
+                          - jnp.asarray(n.image_offset, jnp.float32))
+  inputs = check_inputs(input_dims, check_images, fill=pad_value(n.image_scale, n.image_offset),
+                        image_scale=n.image_scale, image_offset=n.image_offset,
+                        uint8=input_uint8)
+  diff = check_parity(proto, jax.jit(fn), inputs)
   report = {
       "format": "bpnet_jax.export/1", "onnx": os.path.abspath(out_path), "data_type": data_type,
-      "opset": opset, "input": {"name": "input_1", "layout": "NHWC", "dims": list(input_dims)
-                                if input_dims else ["H", "W"], "dynamic_batch": True,
+      "opset": opset, "input": {"name": "input_1", "layout": "NHWC",
+                                "dtype": "uint8" if input_uint8 else "float32",
+                                "dims": list(input_dims) if input_dims else ["H", "W"],
+                                "dynamic_batch": True,
                                 "normalization": {"scale": list(n.image_scale),
-                                                  "offset": list(n.image_offset)}},
+                                                  "offset": list(n.image_offset),
+                                                  "in_graph": input_uint8}},
       "outputs": {"heatmap_out": sk.heat_channels, "paf_out": sk.paf_channels,
                   "stage": stage or config.model.stages, "sdk_compatible": sdk_compatible},
       "params": model_lib.count_params(variables)["total"],

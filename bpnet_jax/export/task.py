@@ -21,12 +21,13 @@ def export_model(model_path: str, output_file: str, *, config=None, data_type: s
                  cal_method: str = "entropy", batches: int = 10, batch_size: int = 1,
                  engine_file: str | None = None, max_batch_size: int = 1,
                  max_workspace_size: int = 2 << 30, saved_model: str | None = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, input_uint8: bool = False) -> dict:
   """Exports the saved model at `model_path` (workdir, checkpoint or pruned model dir).
 
   input_dims: (H, W) fixed input size, or None for dynamic H and W (int8 and engines default to
-  `inference.input_shape`). Returns the ONNX report, plus "engine" and "saved_model" sections
-  when those were built.
+  `inference.input_shape`). input_uint8: the ONNX model (and an engine built from it) takes
+  uint8 RGB pixels and normalises them itself (the TF SavedModel keeps the float input).
+  Returns the ONNX report, plus "engine" and "saved_model" sections when those were built.
   """
   if not output_file.endswith(".onnx"):
     raise ExportError(f"-o {output_file}: expected a path ending in .onnx")
@@ -45,7 +46,8 @@ def export_model(model_path: str, output_file: str, *, config=None, data_type: s
     raise ExportError("--engine_file needs --input_dims H,W,3 (engines have a fixed input size)")
   report = onnx_model.export(config, variables, output_file, input_dims=input_dims,
                              data_type=data_type, opset=opset, sdk_compatible=sdk_compatible,
-                             overwrite=overwrite, calibration=calibration)
+                             overwrite=overwrite, calibration=calibration,
+                             input_uint8=input_uint8)
   if saved_model:
     net = model_lib.build_model(config.model, saved.skeleton)
     report["saved_model"] = runtimes.export_saved_model(

@@ -4,8 +4,10 @@
   OnnxBackend      an exported ONNX model run with ONNX Runtime (needs onnxruntime)
   TensorRTBackend  a serialized TensorRT engine (needs tensorrt and PyTorch with CUDA)
 
-Normalisation (pixel / scale - offset) runs inside the JAX function on the device; the ONNX
-Runtime and TensorRT backends normalise on the host.
+Normalisation (pixel / scale - offset) runs inside the JAX function on the device, inside the
+graph of a uint8-input ONNX model (`bpnet export --input_uint8`; ONNX Runtime is fed the uint8
+pixels), on the GPU for TensorRT engines (uint8 pixels are copied, a quarter of the float32
+bytes), and on the host only for float-input ONNX models.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ class JaxBackend:
 
 
 class OnnxBackend:
-  """An exported ONNX model run with ONNX Runtime (input: normalised NHWC float32)."""
+  """An exported ONNX model run with ONNX Runtime. Input: normalised NHWC float32 (the default
+  export), or uint8 NHWC pixels when the model normalises them itself (`--input_uint8`, told by
+  the session's input type): those are fed as they are, with no host normalisation."""
 
   def __init__(self, path: str, skeleton: Skeleton, image_scale, image_offset):
     try:
@@ -71,7 +75,11 @@ class OnnxBackend:
     if len(inp) != 1 or len(inp[0].shape) != 4:
       raise InferenceError(f"{path}: expected one NHWC image input, found "
                            f"{[(i.name, i.shape) for i in inp]}")
+    if inp[0].type not in ("tensor(float)", "tensor(uint8)"):
+      raise InferenceError(f"{path}: input {inp[0].name} is {inp[0].type}; expected float "
+                           "(normalised) or uint8 (pixels) NHWC images")
     self.input_name = inp[0].name
+    self.uint8_input = inp[0].type == "tensor(uint8)"
     shape = inp[0].shape
     self.fixed_hw = tuple(shape[1:3]) if all(isinstance(d, int) for d in shape[1:3]) else None
     self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
@@ -81,7 +89,11 @@ class OnnxBackend:
     self.offset = np.asarray(image_offset, np.float32)
 
   def __call__(self, images):
-    x = np.asarray(images, np.float32) / self.scale - self.offset
+    """(B, H, W, 3) uint8 -> (heat, paf) float32 of the model's output stage."""
+    if self.uint8_input:
+      x = np.ascontiguousarray(images, np.uint8)
+    else:
+      x = np.asarray(images, np.float32) / self.scale - self.offset
     if self.fixed_batch and x.shape[0] != self.fixed_batch:
       outs = [self.session.run([self.heat_name, self.paf_name], {self.input_name: x[i:i + 1]})
               for i in range(x.shape[0])]
@@ -112,8 +124,19 @@ def _pick_outputs(path, outputs, skeleton: Skeleton):
 
 
 class TensorRTBackend:
-  """A serialized TensorRT engine (needs the `tensorrt` package and a CUDA GPU; buffers via
-  PyTorch). Engines have a fixed input size."""
+  """A serialized TensorRT engine (needs the `tensorrt` package, PyTorch with CUDA and an NVIDIA
+  GPU). Engines have a fixed input size; the batch is fixed or 1..the profile's maximum (larger
+  batches run in chunks, a short fixed-batch chunk is padded).
+
+  Not yet run on a GPU in this project: written against the TensorRT 8.6/10 Python API
+  (named I/O tensors, execute_async_v3). Per input shape, buffers are allocated once and reused:
+  a pinned host input, device input (and raw-pixel) buffers, device outputs and pinned host
+  outputs. A call copies the batch into the pinned buffer, then on the backend's own CUDA
+  stream: host->device (non_blocking), normalisation on the device (x / scale - offset, into
+  the engine's input; skipped for an engine that takes uint8 pixels), the engine, and
+  device->host copies of the outputs (non_blocking); one synchronize, then the outputs are
+  returned as float32 arrays of their own (the pinned buffers are reused by the next call).
+  """
 
   def __init__(self, path: str, skeleton: Skeleton, image_scale, image_offset):
     try:
@@ -140,25 +163,95 @@ class TensorRTBackend:
     shape = tuple(engine.get_tensor_shape(self.input_name))
     self.fixed_hw = shape[1:3] if min(shape[1:3]) > 0 else None
     self.fixed_batch = shape[0] if shape[0] > 0 else None
+    # The largest batch one execution takes: the fixed batch, else the profile's maximum.
+    self.max_batch = self.fixed_batch or int(
+        engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
     self.heat_name, self.paf_name = _pick_outputs(
         path, [(n, engine.get_tensor_shape(n)[-1]) for n in outputs], skeleton)
     self.outputs = outputs
-    self.scale = np.asarray(image_scale, np.float32)
-    self.offset = np.asarray(image_offset, np.float32)
+    types = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+             trt.DataType.UINT8: torch.uint8, trt.DataType.INT8: torch.int8,
+             trt.DataType.INT32: torch.int32}
+    kinds = {n: engine.get_tensor_dtype(n) for n in [self.input_name] + outputs}
+    unknown = {n: str(k) for n, k in kinds.items() if k not in types}
+    if unknown:
+      raise InferenceError(f"{path}: unsupported tensor types {unknown}")
+    self.dtypes = {n: types[k] for n, k in kinds.items()}
+    self.uint8_input = self.dtypes[self.input_name] == torch.uint8
+    self.stream = torch.cuda.Stream()
+    in_dtype = self.dtypes[self.input_name]
+    with torch.cuda.stream(self.stream):
+      self.scale = torch.tensor(np.asarray(image_scale, np.float32), device="cuda").to(in_dtype)
+      self.offset = torch.tensor(np.asarray(image_offset, np.float32), device="cuda").to(in_dtype)
+    self._host = {}     # (B, H, W, numpy dtype) -> (pinned input, {output: pinned output})
+    self._device = {}   # (b, H, W, numpy dtype) of one execution -> _TrtDeviceBuffers
+    self._bound = None  # the execution shape the context's input is set to
 
   def __call__(self, images):
+    """(B, H, W, 3) pixels (uint8, or float for a float-input engine) -> (heat, paf) float32."""
     torch = self.torch
-    x = torch.from_numpy(np.asarray(images, np.float32) / self.scale - self.offset).cuda()
-    self.context.set_input_shape(self.input_name, tuple(x.shape))
-    self.context.set_tensor_address(self.input_name, x.data_ptr())
-    bufs = {}
-    for n in self.outputs:
-      shape = tuple(self.context.get_tensor_shape(n))
-      bufs[n] = torch.empty(shape, dtype=torch.float32, device="cuda")
-      self.context.set_tensor_address(n, bufs[n].data_ptr())
-    stream = torch.cuda.current_stream()
-    self.context.execute_async_v3(stream.cuda_stream)
-    stream.synchronize()
-    return bufs[self.heat_name].cpu().numpy(), bufs[self.paf_name].cpu().numpy()
+    images = np.asarray(images)
+    if self.uint8_input and images.dtype != np.uint8:
+      raise InferenceError(f"this engine takes uint8 pixels, got {images.dtype}")
+    b = images.shape[0]
+    key = images.shape[:3] + (images.dtype.str,)
+    if key not in self._host:
+      host_in = torch.from_numpy(np.empty(images.shape, images.dtype)).pin_memory()
+      self._host[key] = (host_in, {})
+    host_in, host_out = self._host[key]
+    host_in.numpy()[...] = images
+    with torch.cuda.stream(self.stream):
+      for start in range(0, b, self.max_batch):
+        n = min(self.max_batch, b - start)
+        run_b = self.fixed_batch or n               # a short fixed-batch chunk is padded
+        dev = self._device_buffers((run_b,) + images.shape[1:3], images.dtype)
+        dev.raw[:n].copy_(host_in[start:start + n], non_blocking=True)
+        if dev.raw is not dev.input:
+          dev.input.copy_(dev.raw)                  # e.g. uint8 -> float32, on the device
+        if not self.uint8_input:                    # normalise on the device
+          dev.input.div_(self.scale).sub_(self.offset)
+        self.context.execute_async_v3(self.stream.cuda_stream)
+        for name, out in dev.outputs.items():
+          if name not in host_out:
+            host_out[name] = torch.empty((b,) + tuple(out.shape[1:]), dtype=out.dtype,
+                                         pin_memory=True)
+          host_out[name][start:start + n].copy_(out[:n], non_blocking=True)
+    self.stream.synchronize()
+    return tuple(host_out[name].numpy().astype(np.float32)      # copies: buffers are reused
+                 for name in (self.heat_name, self.paf_name))
+
+  def _device_buffers(self, shape, dtype):
+    """The device buffers of one execution at (b, H, W), made once; binds them to the context
+    (the input shape only when it changes)."""
+    torch = self.torch
+    key = tuple(shape) + (np.dtype(dtype).str,)
+    bufs = self._device.get(key)
+    if bufs is None:
+      full = tuple(shape) + (3,)
+      self.context.set_input_shape(self.input_name, full)
+      self._bound = full
+      inp = torch.empty(full, dtype=self.dtypes[self.input_name], device="cuda")
+      raw_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
+      # Pixels land in the engine's input when the types agree; else in a buffer of their own
+      # (uint8 pixels for a float engine: a quarter of the bytes cross the bus).
+      raw = inp if raw_dtype == inp.dtype else torch.empty(full, dtype=raw_dtype, device="cuda")
+      outs = {n: torch.empty(tuple(self.context.get_tensor_shape(n)), dtype=self.dtypes[n],
+                             device="cuda") for n in self.outputs}
+      bufs = self._device[key] = _TrtDeviceBuffers(raw, inp, outs)
+    if self._bound != tuple(bufs.input.shape):
+      self.context.set_input_shape(self.input_name, tuple(bufs.input.shape))
+      self._bound = tuple(bufs.input.shape)
+    self.context.set_tensor_address(self.input_name, bufs.input.data_ptr())
+    for n, t in bufs.outputs.items():
+      self.context.set_tensor_address(n, t.data_ptr())
+    return bufs
 
 
+class _TrtDeviceBuffers:
+  """Device tensors of one TensorRT execution shape: raw pixels as copied from the host, the
+  engine's input (the same tensor when the engine takes uint8) and its outputs by name."""
+
+  __slots__ = ("raw", "input", "outputs")
+
+  def __init__(self, raw, engine_input, outputs):
+    self.raw, self.input, self.outputs = raw, engine_input, outputs

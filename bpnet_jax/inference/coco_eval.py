@@ -107,9 +107,12 @@ def load_coco(path: str) -> COCO:
 
 
 def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: str,
-                     progress: bool = True, verbose: bool = True, batch_size: int = 1) -> dict:
+                     progress: bool = True, verbose: bool = True, batch_size: int = 1,
+                     workers: int = 2) -> dict:
   """Runs `predictor` on every image of a COCO keypoint annotation file and evaluates.
 
+  batch_size: images per network call; workers: image loading and decoding threads (each),
+  as `Predictor.predict_iter`.
   Unreadable images are skipped and counted (their people count as missed). Returns
   {"metrics", "images", "skipped", "people"}.
   """
@@ -120,7 +123,7 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   people_by_image, skipped = {}, []
   bar = detections.progress_bar(len(ids), progress)
   for image_id, people, err in predictor.predict_iter(ids, load=lambda i: read_image(paths[i]),
-                                                         batch_size=batch_size):
+                                                      batch_size=batch_size, workers=workers):
     bar.update(1)
     if err is not None:
       skipped.append(str(err))

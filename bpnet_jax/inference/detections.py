@@ -68,10 +68,11 @@ def check_outputs(results_dir: str, names: Sequence[str], overwrite: bool) -> No
 
 def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
         dump_visualizations: bool = False, overwrite: bool = False,
-        progress: bool = True, batch_size: int = 1) -> dict:
+        progress: bool = True, batch_size: int = 1, workers: int = 2) -> dict:
   """Runs the predictor over `paths`; writes results_dir/detection.json (and drawings).
 
-  Returns the detection.json content.
+  batch_size: images per network call; workers: image loading and decoding threads (each),
+  as `Predictor.predict_iter`. Returns the detection.json content.
   """
   outputs = ["detection.json"] + (["images_annotated"] if dump_visualizations else [])
   check_outputs(results_dir, outputs, overwrite)
@@ -80,7 +81,7 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
   if dump_visualizations:
     os.makedirs(viz_dir, exist_ok=True)
   images, skipped, used_names = [], [], set()
-  loaded = {}           # by position: a path may be listed twice
+  loaded = {}           # by position (a path may be listed twice), until its people are out
 
   def load(index):
     loaded[index] = read_image(paths[index])
@@ -88,7 +89,7 @@ def run(predictor: Predictor, paths: Sequence[str], results_dir: str,
 
   bar = progress_bar(len(paths), progress)
   for index, people, err in predictor.predict_iter(range(len(paths)), load=load,
-                                                   batch_size=batch_size):
+                                                   batch_size=batch_size, workers=workers):
     bar.update(1)
     path = paths[index]
     if err is not None:

@@ -6,7 +6,9 @@ TensorRT engine) with the `config.inference` settings:
   preprocess   resize per `keep_aspect_ratio_mode` (the original's three modes, bicubic), pad
                bottom/right to a multiple of the stride with the value that normalises to 0
                (`bpnet_jax.inference.preprocess`)
-  network      a backend (`bpnet_jax.inference.backends`), jitted once per padded input shape
+  network      a backend (`bpnet_jax.inference.backends`), jitted once per padded input shape;
+               `predict_iter` buckets images by that shape and pads partial batches, so a
+               stream of mixed aspect ratios compiles once per shape, not per batch size
   multi-scale  each scale's maps are resampled onto the largest scale's output grid and averaged
                on the device (the original averaged x8-upsampled maps: the same up to
                interpolation)
@@ -44,13 +46,19 @@ log = logging.getLogger(__name__)
 EXPORTED_SUFFIXES = (".onnx", ".engine", ".trt", ".plan")
 
 
+def default_workers() -> int:
+  """Host threads for loading/resizing (and as many for decoding) in `predict_iter` when the
+  caller does not say: one per core, at most 8 (a COCO JPEG takes ~2.7 ms to decode and its
+  people ~1.75 ms on one core, so 8 threads of each keep up with ~2,000 images/s)."""
+  return max(1, min(8, os.cpu_count() or 1))
+
 
 class Predictor:
   """People from RGB images, with a model and `config.inference` settings.
 
     p = Predictor.from_path("workdir")                  # model dir, .onnx or .engine
     people = p.predict(rgb)                             # [{"keypoints": (J,3), "score": s}]
-    for item, people in p.predict_iter(paths, load=read_image): ...
+    for item, people, error in p.predict_iter(paths, batch_size=8, workers=8): ...
 
   Keypoints are original-image pixels (x, y) and the joint's heatmap score (0: not found).
   """
@@ -188,68 +196,117 @@ class Predictor:
     return out
 
   def predict_iter(self, items: Iterable, load: Callable = read_image, workers: int = 2,
-                   depth: int = 2, batch_size: int = 1) -> Iterator[tuple]:
-    """Yields (item, people, None) or (item, None, error) for each item, in order.
+                   depth: int = 2, batch_size: int = 1,
+                   max_buffered: int | None = None) -> Iterator[tuple]:
+    """Yields (item, people, None) or (item, None, error) for each item, in input order.
 
     `load(item)` returns an RGB image. Loading and resizing run in `workers` threads ahead of
-    the network; consecutive images with the same network-input shape go through the network
-    `batch_size` at a time; decoding (peak search, assembly) runs in another `workers` threads,
-    so the host decodes batch k while the device runs batch k+1 (up to `depth` batches in
-    flight). InferenceErrors from `load` (unreadable images) are yielded, not raised.
+    the network. Prepared images wait in one bucket per network-input shape; a bucket goes
+    through the network when it holds `batch_size` images. Partial buckets (at the end, or the
+    one holding the oldest unfinished item once `max_buffered` items are pending) are padded to
+    `batch_size` by repeating their last image, and the padding rows' maps are dropped: every
+    network call has `batch_size` images, so the jitted network compiles at most once per
+    distinct input shape, whatever the order of the images. Multi-scale images go through the
+    network alone. Decoding (peak search, assembly) runs in another `workers` threads while the
+    device runs the next batch (up to `depth` batches in flight); results wait in a reorder
+    buffer until every earlier item's are out. InferenceErrors from `load` (unreadable images)
+    are yielded in their place, not raised.
+
+    max_buffered: the most items read but not yet yielded (default max(4 * batch_size *
+    workers, 64)); it bounds the images held in memory: prepared inputs, and whatever `load`
+    keeps for the caller until its item is yielded.
     """
     workers, batch_size = max(1, workers), max(1, batch_size)
+    cap = max(batch_size, max_buffered or max(4 * batch_size * workers, 64))
     loader = concurrent.futures.ThreadPoolExecutor(workers)
     decoder = concurrent.futures.ThreadPoolExecutor(workers)
+    it = iter(items)
+    loading = collections.deque()      # (position, item, future of prepared inputs), in order
+    buckets: dict = {}                 # network-input (H, W, 3) -> [(position, input, Geometry)]
+    slots: dict[int, _Slot] = {}       # the reorder buffer: position -> an item read, not yielded
+    in_flight = collections.deque()    # decode futures of the batches sent, oldest first
+    next_in = next_out = 0             # positions of the next item to read / to yield
+    exhausted = False
+
+    def read_ahead():
+      nonlocal next_in, exhausted
+      while not exhausted and next_in - next_out < cap and len(loading) < 2 * workers * batch_size:
+        try:
+          item = next(it)
+        except StopIteration:
+          exhausted = True
+          return
+        loading.append((next_in, item, loader.submit(lambda i: self.prepare(load(i)), item)))
+        next_in += 1
+
+    def wait_for_depth():
+      """Frees a place among the `depth` batches in flight (their decoding errors surface)."""
+      while in_flight and (in_flight[0].done() or len(in_flight) >= depth):
+        in_flight.popleft().result()
+
+    def send(shape):
+      """One bucket through the network, padded to batch_size with its last image."""
+      entries = buckets.pop(shape)
+      wait_for_depth()
+      pad = [entries[-1][1]] * (batch_size - len(entries))
+      maps = self.backend(np.stack([e[1] for e in entries] + pad))
+      fut = decoder.submit(self._finish_batch, maps, [e[2] for e in entries])
+      in_flight.append(fut)
+      for k, (pos, _, _) in enumerate(entries):
+        slots[pos].future, slots[pos].row = fut, k
+
+    def place(pos, item, fut):
+      """A loaded item into its shape's bucket (sent when full), alone through the network
+      (multi-scale), or into the reorder buffer as an error (unreadable)."""
+      slot = slots[pos] = _Slot(item)
+      try:
+        prepared = fut.result()
+      except InferenceError as e:
+        slot.error = e
+        return
+      if len(prepared) > 1:
+        wait_for_depth()
+        slot.future = decoder.submit(lambda h: [self.finish(h)], self.dispatch(prepared))
+        in_flight.append(slot.future)
+        return
+      image, g = prepared[0]
+      slot.shape = image.shape
+      bucket = buckets.setdefault(image.shape, [])
+      bucket.append((pos, image, g))
+      if len(bucket) == batch_size:
+        send(image.shape)
+
+    def emit(block: bool):
+      """Yields the finished items at the head of the input order (block: wait for the
+      oldest, which must have been sent)."""
+      nonlocal next_out
+      while next_out in slots:
+        slot = slots[next_out]
+        if slot.error is None and (slot.future is None or not (block or slot.future.done())):
+          return
+        block = False
+        del slots[next_out]
+        next_out += 1
+        yield ((slot.item, None, slot.error) if slot.error is not None
+               else (slot.item, slot.future.result()[slot.row], None))
+
     try:
-      loading = collections.deque()            # (item, future of prepared inputs)
-      done = collections.deque()               # (item, future of [people per image], k, error)
-      it = iter(items)
-
-      def fill():
-        while len(loading) < 2 * workers * batch_size:
-          try:
-            item = next(it)
-          except StopIteration:
-            return
-          loading.append((item, loader.submit(lambda i: self.prepare(load(i)), item)))
-
-      def group():
-        """Up to batch_size ready images of one shape (multi-scale images go alone)."""
-        out = []
-        while loading and len(out) < batch_size:
-          item, fut = loading[0]
-          try:
-            prepared = fut.result()
-          except InferenceError as e:
-            if out:                            # keep the order: send the group first
-              break
-            loading.popleft()
-            done.append((item, None, 0, e))
-            continue
-          if out and (len(prepared) > 1 or prepared[0][0].shape != out[0][1][0][0].shape):
-            break
-          loading.popleft()
-          out.append((item, prepared))
-          if len(prepared) > 1:
-            break
-        fill()
-        return out
-
-      fill()
-      while loading or done:
-        if loading and len(done) < depth * batch_size:
-          batch = group()
-          if len(batch) == 1:
-            item, prepared = batch[0]
-            handle = self.dispatch(prepared)
-            done.append((item, decoder.submit(lambda h: [self.finish(h)], handle), 0, None))
-          elif batch:
-            maps = self.backend(np.stack([p[0][0] for _, p in batch]))
-            fut = decoder.submit(self._finish_batch, maps, [p[0][1] for _, p in batch])
-            done.extend((item, fut, k, None) for k, (item, _) in enumerate(batch))
-          continue
-        item, fut, k, err = done.popleft()
-        yield (item, None, err) if err else (item, fut.result()[k], None)
+      while True:
+        read_ahead()
+        if loading:
+          place(*loading.popleft())
+          yield from emit(block=False)
+        elif not exhausted:                 # max_buffered items pending: move the oldest
+          slot = slots[next_out]
+          if slot.error is None and slot.future is None:
+            send(slot.shape)
+          yield from emit(block=True)
+        else:                               # the end: partial buckets, oldest first
+          for shape in sorted(buckets, key=lambda s: buckets[s][0][0]):
+            send(shape)
+          while slots:
+            yield from emit(block=True)
+          return
     finally:
       loader.shutdown(wait=False, cancel_futures=True)
       decoder.shutdown(wait=False, cancel_futures=True)
@@ -257,6 +314,16 @@ class Predictor:
   def _finish_batch(self, maps, geoms) -> list[list[dict]]:
     heat, paf = np.asarray(maps[0]), np.asarray(maps[1])
     return [self.finish(((heat[k:k + 1], paf[k:k + 1]), [g])) for k, g in enumerate(geoms)]
+
+
+class _Slot:
+  """An item `predict_iter` has read and not yet yielded: its decode future and row once sent
+  through the network, or its load error; `shape` names its bucket while it waits there."""
+
+  __slots__ = ("item", "future", "row", "error", "shape")
+
+  def __init__(self, item):
+    self.item, self.future, self.row, self.error, self.shape = item, None, 0, None, None
 
 
 def _crop(handle):
