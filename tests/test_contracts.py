@@ -172,7 +172,7 @@ def _step_and_batch(cfg, devices=None):
                                                     tx_fn(state.params), s.schedule),
                               s.mesh, state)
   it = ip.make_iterator(s.dataset, cfg.dataloader.batch_size)
-  batch = train.shard_batch(next(it), s.mesh)
+  batch = train.shard_batch(augment.sample_fields(next(it)), s.mesh)   # as train.train puts it
   it.close()
   return step, state, batch
 

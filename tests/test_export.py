@@ -15,6 +15,7 @@ from bpnet_jax import prune as P  # noqa: E402
 from bpnet_jax.export import int8, runtimes  # noqa: E402
 from bpnet_jax.export import onnx_model as E  # noqa: E402
 from bpnet_jax.inference import predictor  # noqa: E402
+from bpnet_jax.inference.backends import ort_session  # noqa: E402
 from bpnet_jax.skeleton import load_skeleton  # noqa: E402
 from configs import demo  # noqa: E402
 
@@ -174,7 +175,6 @@ def test_predictor_on_exported_model_matches_the_checkpoint(trained_workdir, tmp
 def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   import cv2
   import onnx
-  import onnxruntime as ort
   c, m, v = tiny()
   images = tmp_path / "cal"
   images.mkdir()
@@ -209,7 +209,7 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   assert all(lo == -hi and hi > 0 for lo, hi in ranges.values())
   # The int8 model runs in ONNX Runtime and stays close to fp32 (maps with std 0.3).
   x = data[:1]
-  s8 = ort.InferenceSession(str(tmp_path / "m8.onnx"), providers=["CPUExecutionProvider"])
+  s8 = ort_session(str(tmp_path / "m8.onnx"))
   ref = [np.asarray(a) for a in E.inference_fn(m, v)(x)]
   got = s8.run(None, {"input_1": x})
   for a, b in zip(got, ref):
@@ -218,7 +218,7 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   r2 = E.export(c, v, str(tmp_path / "m8b.onnx"), input_dims=(64, 96), data_type="int8",
                 calibration=dict(cal, data=None))
   assert r2["int8"]["calibration"] == "cache"
-  s8b = ort.InferenceSession(str(tmp_path / "m8b.onnx"), providers=["CPUExecutionProvider"])
+  s8b = ort_session(str(tmp_path / "m8b.onnx"))
   for a, b in zip(s8b.run(None, {"input_1": x}), got):
     np.testing.assert_allclose(a, b, atol=1e-6)
   # uint8 input on the int8 model: the same Q/DQ graph behind an in-graph normalisation.
@@ -226,7 +226,7 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
                 calibration=dict(cal, data=None), input_uint8=True, overwrite=True)
   assert r3["input"]["dtype"] == "uint8"
   pixels = np.random.default_rng(4).integers(0, 255, (2, 64, 96, 3), np.uint8)
-  s8u = ort.InferenceSession(str(tmp_path / "m8u.onnx"), providers=["CPUExecutionProvider"])
+  s8u = ort_session(str(tmp_path / "m8u.onnx"))
   for a, b in zip(s8u.run(None, {"input_1": pixels}),
                   s8b.run(None, {"input_1": E.normalize(pixels, (256.0,) * 3, (0.5,) * 3)})):
     np.testing.assert_allclose(a, b, atol=1e-6)

@@ -37,6 +37,7 @@ from bpnet_jax import model as model_lib
 from bpnet_jax.data import synthetic
 from bpnet_jax.errors import ExportError
 from bpnet_jax.export import int8
+from bpnet_jax.inference.backends import ort_session
 from bpnet_jax.inference.preprocess import pad_value, preprocess
 from bpnet_jax.skeleton import skeleton_from_config
 
@@ -177,11 +178,8 @@ def check_parity(proto_or_path, jax_fn, inputs: Sequence[np.ndarray]) -> float:
   """Max |ONNX Runtime - JAX| over both outputs and all inputs (fed to both as they are:
   normalised float32, or uint8 images for a uint8-input model and a `jax_fn` that
   normalises)."""
-  import onnxruntime as ort  # optional extra
   data = proto_or_path if isinstance(proto_or_path, str) else proto_or_path.SerializeToString()
-  opts = ort.SessionOptions()
-  opts.log_severity_level = 3          # no shape-merge warnings on symbolic dims
-  sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+  sess = ort_session(data)
   worst = 0.0
   for x in inputs:
     got = sess.run(["heatmap_out", "paf_out"], {"input_1": x})

@@ -12,6 +12,8 @@ bytes), and on the host only for float-input ONNX models.
 
 from __future__ import annotations
 
+import platform
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,41 @@ class JaxBackend:
     return self._multi(self.variables, tuple(images), params, tuple(grid_shape))
 
 
+def int8_kernels_exact() -> bool:
+  """False on x86 CPUs without VNNI dot-product instructions (e.g. AVX2-only parts), where ONNX
+  Runtime's fused int8 convolutions multiply u8 x s8 pairs with a saturating 16-bit add
+  (vpmaddubsw) and can be far off (0.4-0.8 on 0.3-std maps, measured); True elsewhere."""
+  if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    return True
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = f.read()
+  except OSError:
+    return True                      # not Linux: assume a recent CPU
+  return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def ort_session(model, providers=("CPUExecutionProvider",)):
+  """An ONNX Runtime session for a model (path or serialized bytes).
+
+  A Q/DQ (int8) model on a CPU whose int8 kernels saturate runs with graph optimisation at the
+  basic level: ONNX Runtime then executes DequantizeLinear -> float op -> QuantizeLinear as
+  written, which is exactly the quantized model's arithmetic (slower, but the numbers are the
+  ones TensorRT computes). Everything else runs fully optimised.
+  """
+  import onnxruntime as ort  # optional extra
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 3          # no shape-merge warnings on symbolic dims
+  data = model
+  if isinstance(model, str):
+    with open(model, "rb") as f:
+      data = f.read()
+  if (b"DequantizeLinear" in data and "CUDAExecutionProvider" not in providers
+      and not int8_kernels_exact()):
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+  return ort.InferenceSession(data, opts, providers=list(providers))
+
+
 class OnnxBackend:
   """An exported ONNX model run with ONNX Runtime. Input: normalised NHWC float32 (the default
   export), or uint8 NHWC pixels when the model normalises them itself (`--input_uint8`, told by
@@ -65,9 +102,9 @@ class OnnxBackend:
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                  if p in ort.get_available_providers()]
     try:
-      opts = ort.SessionOptions()
-      opts.log_severity_level = 3
-      self.session = ort.InferenceSession(path, opts, providers=providers)
+      self.session = ort_session(path, providers)
+    except OSError:
+      raise
     except Exception as e:  # onnxruntime raises its own exception types for unreadable models
       raise InferenceError(f"{path}: ONNX Runtime cannot load the model "
                            f"({str(e).splitlines()[0][:200]})") from None
