@@ -194,3 +194,24 @@ def test_invalid_annotation_json_in_evaluate_is_one_line(trained_workdir, synth_
   assert status == 2
   lines = err.strip().splitlines()
   assert len(lines) == 1 and ".json" in lines[0], err
+
+
+def test_calibration_tensor_of_the_wrong_shape_is_one_line(tmp_path):
+  from bpnet_jax.errors import ExportError
+  from bpnet_jax.export import int8
+  path = str(tmp_path / "cal.npy")
+  np.save(path, np.zeros((4, 32, 32, 3), np.float32))
+  with pytest.raises(ExportError, match=r"shape \(4, 32, 32, 3\), expected \(N, 64, 96, 3\)"):
+    int8.load_or_make_calibration_data(path, lambda: pytest.fail("must not recalibrate"),
+                                       (64, 96))
+  np.save(path, np.zeros((4, 64), np.float32))
+  with pytest.raises(ExportError, match="expected"):
+    int8.load_or_make_calibration_data(path, None)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+  def interrupted(argv):
+    raise KeyboardInterrupt
+  monkeypatch.setitem(cli.COMMANDS, "summary", interrupted)
+  status, _, err = _cli(capsys, "summary", "--config=configs/demo.py")
+  assert status == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err
