@@ -84,7 +84,9 @@ def main():
             " + host copy": lambda b: jax.device_put({k: np.asarray(v) for k, v in b.items()},
                                                      sharding, may_alias=False)}
     feed = {}
-    for workers in sorted({0, a.workers}):
+    # Worker runs first: a closed in-process iterator may still finish decoding what it had
+    # started, which would count against the main process's share.
+    for workers in sorted({0, a.workers}, reverse=True):
       for name, put in puts.items():
         if workers == 0 and name:
           continue

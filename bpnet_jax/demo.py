@@ -141,8 +141,11 @@ def export_and_evaluate(workdir: str, train_dir: str, test_split, eval_metrics: 
   saved = checkpoint.load_model(train_dir)
   cfg, variables = saved.config, saved.variables
   dims = list(cfg.inference.input_shape)
+  train_images = os.path.join(workdir, "data", "train")
+  # 32 calibration images (fewer when the demo is run small).
+  batches = max(1, min(16, len(os.listdir(train_images)) // 2))
   calibration = int8.int8_calibration(
-      cfg, os.path.join(workdir, "data", "train"), dims, batches=16, batch_size=2,
+      cfg, train_images, dims, batches=batches, batch_size=2,
       data_file=os.path.join(out, "calibration.npy"),
       cache_file=os.path.join(out, "calibration.bin"))
   # All three at the inference size, so their evaluations preprocess alike (a fixed-size model

@@ -96,7 +96,7 @@ def main():
   def predict(batch):
     res = jax.vmap(lambda s: augment.preprocess_sample(None, s, aug, lab, sk,
                                                        draws=augment.identity_draw()))(
-        {k: batch[k] for k in augment.SAMPLE_FIELDS})
+        {k: batch[k] for k in augment.sample_fields(batch)})
     heats, _ = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                            res["image"])
     return heats[-1], res["joints"], res["valid"]

@@ -43,7 +43,8 @@ SK = skeleton_lib.load_skeleton()
 # The backend's code generation does not change the HLO (fusion, partitioning, aliasing, costs
 # are decided before it): skipping LLVM's optimisations makes these compiles 2-3x faster.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-STEP_SECONDS = 0.15    # each step of the probed run waits this long, so prefetching can run ahead
+AHEAD = 2              # batches the input pipeline must have handed over beyond the current step
+WAIT_SECONDS = 5.0     # how long a probed step waits for them (a loaded machine decodes slowly)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,16 +80,23 @@ class _CountingIterator:
 
 
 class _ProbedStep:
-  """The jitted train step, slowed by STEP_SECONDS, recording the input pipeline's lead."""
+  """The jitted train step, recording the input pipeline's lead when it is dispatched.
+
+  A slow step gives the pipeline time to run ahead: each waits (up to WAIT_SECONDS) until
+  AHEAD more batches have left the iterator, and records how many had.
+  """
 
   def __init__(self, jitted, probe):
     self.jitted, self.probe = jitted, probe
 
   def __call__(self, state, batch):
-    time.sleep(STEP_SECONDS)
+    step = self.probe.steps + 1
+    deadline = time.monotonic() + WAIT_SECONDS
+    while self.probe.pulled - step < AHEAD and time.monotonic() < deadline:
+      time.sleep(0.01)
     with self.probe.lock:
-      self.probe.steps += 1
-      self.probe.leads.append(self.probe.pulled - self.probe.steps)
+      self.probe.steps = step
+      self.probe.leads.append(self.probe.pulled - step)
     return self.jitted(state, batch)
 
   def _cache_size(self):
@@ -148,8 +156,9 @@ def test_training_reads_the_device_only_at_summaries_and_checkpoints(probed_run)
 def test_input_iterator_runs_at_least_two_batches_ahead(probed_run):
   _, _, probe = probed_run
   assert probe.prefetch_sizes and min(probe.prefetch_sizes) >= 2
-  # When step s is dispatched, batches s + 1 and s + 2 have left the input pipeline already.
-  assert len(probe.leads) == probe.steps and min(probe.leads) >= 2, probe.leads
+  # When step s is dispatched, batches s + 1 and s + 2 have left the input pipeline already
+  # (pulled and handed to the device: prefetch_to_device puts a batch before it queues it).
+  assert len(probe.leads) == probe.steps and min(probe.leads) >= AHEAD, probe.leads
 
 
 def test_one_compilation_across_epochs_and_checkpoints(probed_run):
@@ -287,6 +296,14 @@ def portrait(tmp_path_factory):
   return paths["data"], os.path.join(paths["records"], synthetic_dataset.TRAIN_RECORDS)
 
 
+def _preprocess(aug, lab, batch):
+  """augment.preprocess_batch compiled for this batch's shapes: fn(key) -> outputs."""
+  fields = augment.sample_fields(batch)
+  fn = jax.jit(lambda key, b: augment.preprocess_batch(key, b, aug, lab, SK))
+  compiled = fn.lower(jax.random.key(0), fields).compile(FAST_COMPILE)
+  return lambda key: compiled(key, fields)
+
+
 def _host_batch(data, records, canvas):
   dec = ip.DecodeAndPad({"coco": data}, data, canvas, 4, SK.num_joints)
   src = array_record_data_source.ArrayRecordDataSource([records])
@@ -313,10 +330,9 @@ def test_turned_portrait_gives_the_same_input_and_labels(portrait, mode, turned_
                           zoom_ratio_max=1.3)
   lab = augment.LabelParams(input_hw=(64, 64), target_hw=(8, 8), sigma=3.0,
                             ortho_dist_thresh=1.0)
-  fn = augment.make_device_preprocess(aug, lab, SK)
+  fa, fb = _preprocess(aug, lab, turned), _preprocess(aug, lab, upright)
   for seed in range(3):
-    a = fn(jax.random.key(seed), augment.sample_fields(turned))
-    b = fn(jax.random.key(seed), augment.sample_fields(upright))
+    a, b = fa(jax.random.key(seed)), fb(jax.random.key(seed))
     np.testing.assert_allclose(a["image"], b["image"], atol=2e-4)   # 0.05 grey levels
     np.testing.assert_allclose(a["labels"], b["labels"], atol=1e-6)
     np.testing.assert_allclose(a["mask"], b["mask"], atol=1e-4)
@@ -331,16 +347,15 @@ def test_mask_bits_equal_the_full_mask(portrait):
   aug = augment.AugParams.from_config(cfg.dataloader.augmentation_config)
   lab = augment.LabelParams(input_hw=(64, 64), target_hw=(8, 8), sigma=3.0,
                             ortho_dist_thresh=1.0)
-  fn = augment.make_device_preprocess(aug, lab, SK)
-  a = fn(jax.random.key(1), augment.sample_fields(batch))
-  b = fn(jax.random.key(1), augment.sample_fields(full))
+  a = _preprocess(aug, lab, batch)(jax.random.key(1))
+  b = _preprocess(aug, lab, full)(jax.random.key(1))
   # Equal up to the order XLA fuses the arithmetic in (float rounding).
   np.testing.assert_allclose(a["mask"], b["mask"], atol=1e-6)
   np.testing.assert_allclose(a["image"], b["image"], atol=1e-5)
   # A record without a mask: all valid, with nothing sent.
   none = dict(batch, has_mask=np.zeros_like(batch["has_mask"]),
               mask_bits=np.zeros_like(batch["mask_bits"]))
-  np.testing.assert_allclose(fn(jax.random.key(1), augment.sample_fields(none))["mask"], 1.0)
+  np.testing.assert_allclose(_preprocess(aug, lab, none)(jax.random.key(1))["mask"], 1.0)
 
 
 def test_feed_is_smaller_than_the_old_square_canvas():

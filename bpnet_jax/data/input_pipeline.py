@@ -52,8 +52,8 @@ _ARRAY_FIELDS = {"joints": (8, 0), "visibility": (1, 0), "centers": (0, 8), "sca
 # Mask pixels from this value up count as valid (255) when packed to bits; the converter writes
 # only 0 and 255, so for its masks the bits are exact.
 MASK_THRESHOLD = 128
-# Batches each decode worker keeps ready besides the one it is filling (each a whole batch in
-# shared memory: workers x (this + 2) x batch bytes of /dev/shm at most).
+# Batches each decode worker keeps waiting in shared memory for the main process, besides the
+# one it decodes and one read ahead in its own memory (/dev/shm: ~workers x this x batch bytes).
 WORKER_BUFFER_BATCHES = 1
 # Decode threads in the main process when num_workers = 0 (cv2 releases the GIL while decoding).
 MAIN_PROCESS_THREADS = 2
@@ -112,12 +112,11 @@ _warned_grey_mask = False
 def _pack_mask(mask: np.ndarray, out: np.ndarray) -> None:
   """Packs a 0/255 mask (h, w) into the top-left of out (Hc, ceil(Wc / 8)): bit 1 = valid."""
   global _warned_grey_mask
-  valid = mask >= MASK_THRESHOLD
-  if not _warned_grey_mask and np.count_nonzero(valid) + np.count_nonzero(mask == 0) != mask.size:
+  if not _warned_grey_mask and cv2.countNonZero(cv2.inRange(mask, 1, 254)):
     _warned_grey_mask = True      # once per process: the data, not a sample, is the problem
     log.warning("a mask holds values other than 0 and 255; they are sent as valid from %d up "
                 "(masks are binary: dataset_convert writes 0 and 255)", MASK_THRESHOLD)
-  bits = np.packbits(valid, axis=1)
+  bits = np.packbits(mask >= MASK_THRESHOLD, axis=1)
   out[:bits.shape[0], :bits.shape[1]] = bits
 
 
@@ -403,7 +402,7 @@ def build_dataset(record_paths: Sequence[str], decoder: DecodeAndPad, seed: int,
 def auto_num_workers(platform: Optional[str] = None, cores: Optional[int] = None) -> int:
   """Host decode processes for `dataloader.num_workers=-1`.
 
-  With an accelerator, all host cores but two (the training loop and the batching/transfer
+  With an accelerator, all host cores but two (the training loop and the receive/transfer
   thread), at most 32: one worker decodes ~330 640x480 JPEGs/s, so a 16-core host feeds ~4,000
   images/s. On the CPU backend the same cores run the model, and worker processes measured
   slower than decoding in the main process, so none.
