@@ -36,4 +36,4 @@ from bpnet_jax.schedules import exponential_decay, soft_start_annealing
 from bpnet_jax.skeleton import Skeleton, load_skeleton, skeleton_from_config
 from bpnet_jax.targets import make_labels
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -27,6 +27,7 @@ import jax
 from bpnet_jax import checkpoint as checkpoint_lib
 from bpnet_jax import config as config_lib
 from bpnet_jax import demo
+from bpnet_jax import import_weights as import_weights_lib
 from bpnet_jax import model as model_lib
 from bpnet_jax import prune as prune_lib
 from bpnet_jax import train as train_lib
@@ -196,16 +197,29 @@ def cmd_dataset_convert(argv):
   parser.add_argument("-s", "--num_shards", type=int, default=0)
   parser.add_argument("--generate_masks", action="store_true",
                       help="write PNG masks of crowd regions and unlabelled people")
+  parser.add_argument("--no_masks", action="store_true",
+                      help="convert without masks (crowds and unlabelled people then count as "
+                           "background); without it or --generate_masks, every image needs a "
+                           "<stem>.png or <stem>.jpg mask in the masks dir")
   parser.add_argument("--check_files", action="store_true",
-                      help="drop (and report) images that are missing, do not decode, or "
-                           "lack a mask")
+                      help="drop (and report) images that are missing or do not decode")
   parser.add_argument("--pose_config", default="bpnet_18joints",
                       help="skeleton the joints are converted to (name or JSON path)")
-  parser.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
+  parser.add_argument("--max_people", type=int,
+                      default=config_lib.default_config().dataloader.max_people,
+                      help="the training config's dataloader.max_people: people beyond it in a "
+                           "record are counted in the summary")
+  parser.add_argument("--num_workers", "--workers", type=int, default=os.cpu_count() or 1,
+                      help="processes for the per-image work (default: all cores; the output "
+                           "is the same for any count)")
   parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
   args = parser.parse(argv)
-  if args.num_partitions < 1 or args.num_shards < 0 or args.workers < 0:
-    raise UserError("--num_partitions must be >= 1, --num_shards and --workers >= 0")
+  if args.num_partitions < 1 or args.num_shards < 0 or args.num_workers < 1 \
+      or args.max_people < 1:
+    raise UserError("--num_partitions, --num_workers and --max_people must be >= 1, "
+                    "--num_shards >= 0")
+  if args.generate_masks and args.no_masks:
+    raise UserError("--generate_masks and --no_masks contradict each other; pass one")
   existing = glob.glob(glob.escape(args.output_filename) + "-fold-*") + \
       glob.glob(glob.escape(args.output_filename) + ".summary.json")
   if existing and not args.overwrite:
@@ -215,14 +229,20 @@ def cmd_dataset_convert(argv):
     if os.path.isdir(split.masks_dir) and os.listdir(split.masks_dir):
       raise UserError(f"mask directory {split.masks_dir} is not empty (pass --overwrite to "
                       "regenerate its masks)")
-  summary = convert.convert(args.dataset_spec, args.output_filename, args.mode,
-                            args.generate_masks, args.check_files, args.num_partitions,
-                            args.num_shards, load_skeleton(args.pose_config),
-                            args.workers or None)
+  summary = convert.convert(
+      args.dataset_spec, args.output_filename, args.mode, generate_masks=args.generate_masks,
+      check_files=args.check_files, num_partitions=args.num_partitions,
+      num_shards=args.num_shards, skeleton=load_skeleton(args.pose_config),
+      workers=args.num_workers, no_masks=args.no_masks, max_people=args.max_people)
+  masks = ("none (--no_masks)" if summary["no_masks"] else
+           ", ".join(f"{n} {kind}" for kind, n in summary["mask_sources"].items()))
+  over = (f"; {summary['people_over_max_people']} people beyond max_people "
+          f"{summary['max_people']} in {summary['records_over_max_people']} records"
+          if summary["records_over_max_people"] else "")
   print(f"{summary['records']} records from {summary['images_with_records']} of "
         f"{summary['images']} images ({summary['persons']} persons, {summary['main_persons']} "
-        f"main) -> {', '.join(summary['files'])}; skipped: {summary['skipped'] or 'none'}; "
-        f"summary: {args.output_filename}.summary.json")
+        f"main) -> {', '.join(summary['files'])}; masks: {masks}{over}; skipped: "
+        f"{summary['skipped'] or 'none'}; summary: {args.output_filename}.summary.json")
 
 
 def cmd_make_synthetic(argv):
@@ -253,6 +273,33 @@ def cmd_make_synthetic(argv):
     print(f"{split}: {c['images']} images, {c['labelled_people']} labelled people, "
           f"{c['unlabelled_people']} unlabelled, {c['crowd_regions']} crowd regions")
   print(f"dataset spec: {os.path.join(args.out, 'dataset_spec.json')}")
+
+
+def cmd_import_weights(argv):
+  """bpnet import_weights --weights=FILE --output=DIR [--config=FILE]: ImageNet VGG19 -> backbone"""
+  path, overrides, rest = split_config_args(argv)
+  parser = _Flags(prog="bpnet import_weights")
+  parser.add_argument("--weights", required=True,
+                      help="VGG19 ImageNet weights: torchvision/timm vgg19 or vgg19_bn "
+                           ".safetensors (or .pth, with torch), or Keras "
+                           "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5 (with h5py)")
+  parser.add_argument("--output", required=True,
+                      help="model directory to write (for --config.trainer.pretrained_weights)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  args = parser.parse(rest)
+  # The config of the training run to come (its model and input normalisation); without one,
+  # the default config with max-pool downsampling.
+  config = None
+  if path is not None:
+    config = config_lib.load_config_file(path, overrides)
+  elif overrides:
+    config, _ = import_weights_lib.import_config(None)
+    for item in overrides:
+      config_lib.apply_override(config, item)
+  with _removed_on_failure(args.output):
+    report = import_weights_lib.import_vgg19(args.weights, args.output, config,
+                                             overwrite=args.overwrite)
+  print("\n".join(import_weights_lib.summary_lines(report)))
 
 
 def cmd_demo(argv):
@@ -453,6 +500,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "summary": cmd_summary,
     "train": cmd_train,
+    "import_weights": cmd_import_weights,
     "make_synthetic": cmd_make_synthetic,
     "dataset_convert": cmd_dataset_convert,
     "inference": cmd_inference,

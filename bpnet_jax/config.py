@@ -63,6 +63,14 @@ def default_config() -> ml_collections.ConfigDict:
       summary_every_n_steps=20,      # metrics.jsonl / TensorBoard cadence
       log_every_n_secs=30,           # progress-bar refresh
       validation_every_n_epoch=5,    # evaluate on the validation split every N epochs (0: never)
+      # COCO keypoint AP of the in-memory state on a dataset spec's test split every N epochs
+      # (and at the end); the best state by AP is kept in checkpoints/best.
+      evaluation=dict(
+          every_n_epochs=0,          # 0: never
+          dataset_spec="",           # "": the one entry of dataloader.dataset_config.dataset_specs
+          batch_size=1,              # images per network call
+          workers=2,                 # image loading / decoding threads
+      ),
       max_ckpt_to_keep=100,
       random_seed=42,
       pretrained_weights=_opt(str),  # checkpoint (or pruned model dir) to load parameters from
@@ -152,8 +160,8 @@ def default_config() -> ml_collections.ConfigDict:
       width_multiplier=1.0,          # scales every prunable conv width (tiny test models)
       layer_widths={},               # {conv path: filters}, e.g. a pruned architecture
       # 'symmetric': every conv pads k//2 on each side, as the original; 'same_lax': lax 'SAME'
-      # (bottom/right only for the stride-2 backbone convs; models trained before 0.2).
-      padding="same_lax",
+      # (bottom/right only for the stride-2 backbone convs; models trained before 0.3).
+      padding="symmetric",
       # 'strided_conv' (the original) or 'max_pool' (2x2 max pools before blocks 2a/3a/4a, as
       # VGG19: ImageNet VGG19 weights then apply exactly).
       backbone_downsampling="strided_conv",
@@ -305,6 +313,14 @@ def validate(config) -> ml_collections.ConfigDict:
   need(trainer.summary_every_n_steps >= 1, "trainer.summary_every_n_steps", "an integer >= 1")
   need(trainer.max_ckpt_to_keep >= 1, "trainer.max_ckpt_to_keep", "an integer >= 1")
   need(trainer.validation_every_n_epoch >= 0, "trainer.validation_every_n_epoch", "an integer >= 0")
+  ev = trainer.evaluation
+  need(ev.every_n_epochs >= 0, "trainer.evaluation.every_n_epochs", "an integer >= 0")
+  need(ev.batch_size >= 1, "trainer.evaluation.batch_size", "an integer >= 1")
+  need(ev.workers >= 1, "trainer.evaluation.workers", "an integer >= 1")
+  need(not ev.every_n_epochs or ev.dataset_spec
+       or len(config.dataloader.dataset_config.dataset_specs) == 1,
+       "trainer.evaluation.dataset_spec", "a dataset spec JSON path (dataloader.dataset_config."
+       "dataset_specs does not have exactly one entry to default to)")
   need(trainer.log_every_n_secs >= 0, "trainer.log_every_n_secs", "a number >= 0")
   need(trainer.compute_dtype in COMPUTE_DTYPES, "trainer.compute_dtype", f"one of {COMPUTE_DTYPES}")
   need(not trainer.load_graph or trainer.pretrained_weights, "trainer.load_graph",

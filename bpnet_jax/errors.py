@@ -40,3 +40,7 @@ class PruneError(Error, ValueError):
 
 class ExportError(Error, ValueError):
   """An export that cannot be done or fails its check."""
+
+
+class WeightsImportError(Error, ValueError):
+  """A weights file to import (ImageNet VGG19) that cannot be read or is not the network named."""

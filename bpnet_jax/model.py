@@ -57,6 +57,7 @@ KERNEL_INITIALIZERS = ("random_normal", "xavier")
 PADDINGS = ("symmetric", "same_lax")
 DOWNSAMPLINGS = ("strided_conv", "max_pool")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", None)
+BN_EPSILON = 1e-3          # Keras' BatchNorm default, as the original (torch's is 1e-5)
 
 
 def _activate(x, activation: str | None):
@@ -241,7 +242,7 @@ def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
                         else _head_init(opts.kernel_initializer)),
            dtype=opts.dtype, name=layer.path.split("/")[-1])(x)
   if layer.bn:
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3,
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=BN_EPSILON,
                      dtype=opts.dtype, name=layer.bn.split("/")[-1])(y)
   y = _activate(y, layer.activation)
   return env[layer.gates] * y if layer.gates else y

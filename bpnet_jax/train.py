@@ -4,7 +4,10 @@
   workdir/config.json          the resolved config
   workdir/checkpoints/<step>/  Orbax: train state (step, params, batch_stats, opt_state, rng) and
                                the input pipeline's iterator state
-  workdir/metrics.jsonl        a line every summary_every_n_steps (and val_loss when validating)
+  workdir/checkpoints/best/    with trainer.evaluation: the state with the best COCO AP so far
+                               (a model directory: config + params + batch stats; best.json)
+  workdir/metrics.jsonl        a line every summary_every_n_steps (and val_loss when validating,
+                               eval_AP, eval_AP50, ... when evaluating)
   workdir/tensorboard/         the same scalars for TensorBoard
 
 Data parallelism: a 1-D mesh over all devices; the batch is sharded on its leading axis,
@@ -43,11 +46,13 @@ from bpnet_jax import config as config_lib
 from bpnet_jax import model as model_lib
 from bpnet_jax import optimizer as optimizer_lib
 from bpnet_jax import skeleton as skeleton_lib
-from bpnet_jax.data import input_pipeline
+from bpnet_jax.data import dataset_spec, input_pipeline
 from bpnet_jax.data import records as records_lib
 from bpnet_jax.errors import DataError, TrainingError
+from bpnet_jax.inference.coco_eval import CocoEvaluator
 
 log = logging.getLogger("bpnet.train")
+BEST, BEST_FILE = "best", "best.json"   # workdir/checkpoints/best/best.json
 
 
 
@@ -292,6 +297,7 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   last = {}
   window_start, window_steps = time.perf_counter(), 0
   val = _validation(cfg, job, workdir) if trainer.validation_every_n_epoch else None
+  evaluation = _Evaluation(cfg, job, workdir)
   try:
     # Only the fields the step reads go to the device (not image_id / record_index: the guard
     # reads those on the host).
@@ -332,6 +338,13 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
         vloss = val(state)
         metrics_log.write(step, {"epoch": round(step / job.steps_per_epoch, 4),
                                  "val_loss": vloss})
+      if evaluation.due(step):
+        ap = evaluation.run(state, step)
+        metrics_log.write(step, {"epoch": round(step / job.steps_per_epoch, 4),
+                                 **{f"eval_{k}": v for k, v in ap.items()}})
+        if bar is not None:
+          bar.set_postfix(epoch=f"{step / job.steps_per_epoch:.2f}", AP=f"{ap['AP']:.3f}",
+                          best_AP=f"{evaluation.best_ap:.3f}", refresh=False)
       if is_ckpt:
         if not bool(all_finite(state)):
           _stop_on_non_finite(mngr, workdir, step + 1, float("nan"), job.steps_per_epoch,
@@ -351,7 +364,9 @@ def train(config, workdir: str, devices=None, progress: bool = True) -> dict:
   return {"step": int(state.step), "last_step": job.last_step,
           "steps_per_epoch": job.steps_per_epoch, "metrics": last, "state": state,
           # Compilations of the step: 1 unless something (a shape, a dtype, a sharding) changed.
-          "train_step_compilations": train_step._cache_size()}
+          "train_step_compilations": train_step._cache_size(),
+          "evaluation": evaluation.history,
+          "evaluation_compilations": evaluation.compilations()}
 
 
 def _jsonable(x):
@@ -398,6 +413,53 @@ def _stop_on_non_finite(mngr, workdir: str, step: int, loss: float, steps_per_ep
   raise TrainingError(f"the {what} {detail} at step {step} (epoch {step / steps_per_epoch:.2f}); "
                       f"stopping. Checkpoint kept: {where}. Lower the learning rate or check "
                       "the data")
+
+
+class _Evaluation:
+  """trainer.evaluation: COCO AP of the in-memory state every N epochs and at the last step;
+  the best state by AP goes to workdir/checkpoints/best (kept across resumes)."""
+
+  def __init__(self, config, job: Setup, workdir: str):
+    ev = config.trainer.evaluation
+    self.every = ev.every_n_epochs * job.steps_per_epoch
+    self.last_step, self.steps_per_epoch = job.last_step, job.steps_per_epoch
+    self.config = config
+    self.best_dir = os.path.join(workdir, "checkpoints", BEST)
+    self.history: list[dict] = []
+    self.evaluator = None
+    if not self.every:
+      return
+    if jax.process_count() > 1:
+      # The best-state copy is written by one process; Orbax saves are collective.
+      log.warning("trainer.evaluation is not run in multi-process training; evaluate the "
+                  "checkpoints with `bpnet evaluate`")
+      return
+    spec = ev.dataset_spec or next(iter(config.dataloader.dataset_config.dataset_specs.values()))
+    split = dataset_spec.load_spec(spec).split("test")
+    self.evaluator = CocoEvaluator(config, job.skeleton, split.annotations, split.images_dir,
+                                   ev.batch_size, ev.workers)
+    best = os.path.join(self.best_dir, BEST_FILE)
+    self.best_ap = fileio.read_json(best)["metrics"]["AP"] if os.path.exists(best) else -1.0
+
+  def due(self, step: int) -> bool:
+    return self.evaluator is not None and (step % self.every == 0 or step == self.last_step)
+
+  def compilations(self) -> int:
+    """Compilations of the evaluated network (1 when every evaluation reused it), or 0."""
+    predictor = self.evaluator.predictor if self.evaluator is not None else None
+    return predictor.backend._forward._cache_size() if predictor is not None else 0
+
+  def run(self, state, step: int) -> dict:
+    metrics = self.evaluator({"params": state.params, "batch_stats": state.batch_stats})
+    epoch = step / self.steps_per_epoch
+    self.history.append({"step": step, "epoch": epoch, **metrics})
+    if metrics["AP"] > self.best_ap:
+      self.best_ap = metrics["AP"]
+      variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+      checkpoint_lib.save_model_dir(
+          self.best_dir, variables, self.config, overwrite=True,
+          extra_json={BEST_FILE: {"step": step, "epoch": epoch, "metrics": metrics}})
+    return metrics
 
 
 def _validation(config, job: Setup, workdir):

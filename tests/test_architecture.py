@@ -19,14 +19,16 @@ LAYERS = [
      "inference.postprocess", "inference.visualize"},
     {"config"},
     {"checkpoint", "inference.preprocess"},
-    {"train", "prune", "inference.backends", "inference.predictor", "export.int8"},
+    {"prune", "import_weights", "inference.backends", "inference.predictor",
+     "export.int8"},
     {"inference.detections", "inference.coco_eval", "export.onnx_model"},
-    {"export.runtimes"},
+    {"export.runtimes", "train"},
     {"export.task", "demo"},
     {"cli"},
 ]
 # Imported only inside the functions that need them, with a clear message when missing.
-OPTIONAL = {"onnx", "onnxruntime", "jax2onnx", "tensorflow", "tensorrt", "torch",
+# (torch and h5py: only to read .pth / Keras .h5 weights in `bpnet import_weights`.)
+OPTIONAL = {"onnx", "onnxruntime", "jax2onnx", "tensorflow", "tensorrt", "torch", "h5py",
             "jax.experimental.jax2tf"}
 
 

@@ -56,3 +56,11 @@ def test_inference_benchmark_smoke():
   for needle in ("| jax-fp32 | cpu | 64x64 | 2 |", "| jax-bf16 |", "| ort-fp32 |", "| ort-int8 |",
                  "| trt-fp16 |", "end to end at 64x96"):
     assert needle in out
+
+
+def test_convert_speed_benchmark_smoke():
+  out = run_smoke("convert_speed.py")
+  for needle in ("serial, 1 worker:", "parallel, 2 workers:", "images/s",
+                 "output identical to 1 worker (records, summary, masks): yes",
+                 "COCO train2017 (118,287 images) on 16 cores, extrapolated"):
+    assert needle in out

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from bpnet_jax.data import convert, records
+from bpnet_jax import cli
+from bpnet_jax.config import default_config
+from bpnet_jax.data import convert, records, synthetic
 from bpnet_jax.data.dataset_spec import SpecError, coco_spec_dict, load_spec
 from bpnet_jax.data.records import Visibility
 from bpnet_jax.skeleton import load_skeleton
@@ -52,7 +54,8 @@ def independent_count(ann_path, min_kpts=5, min_size=32, ratio=0.3):
 
 
 def test_coco_mini_counts_match_an_independent_count(tmp_path):
-  s = convert.convert(make_spec(tmp_path), str(tmp_path / "out" / "train"), "train", workers=1)
+  s = convert.convert(make_spec(tmp_path), str(tmp_path / "out" / "train"), "train", workers=1,
+                      no_masks=True)
   ref = independent_count(os.path.join(COCO_MINI, ANN))
   assert (s["images"], s["persons"], s["records"]) == (ref["images"], ref["persons"],
                                                        ref["records"])
@@ -71,7 +74,7 @@ def test_coco_mini_counts_match_an_independent_count(tmp_path):
 
 def test_records_put_the_main_person_first(tmp_path):
   out = str(tmp_path / "train")
-  convert.convert(make_spec(tmp_path), out, "train", workers=1)
+  convert.convert(make_spec(tmp_path), out, "train", workers=1, no_masks=True)
   recs = records.read_records([out + "-fold-000-of-001"])
   d = json.load(open(os.path.join(COCO_MINI, ANN)))
   anns = collections.defaultdict(list)
@@ -187,7 +190,8 @@ def test_bad_annotations_are_skipped_and_counted(tmp_path):
     good[0]["keypoints"] = good[0]["keypoints"][:-3]       # 16 keypoints
     good[1]["image_id"] = 123456789                          # unknown image
     del good[2]["bbox"]
-  s = convert.convert(_write_ann(tmp_path, mutate), str(tmp_path / "o"), "train", workers=1)
+  s = convert.convert(_write_ann(tmp_path, mutate), str(tmp_path / "o"), "train", workers=1,
+                      no_masks=True)
   assert s["skipped"]["bad_keypoints_length"] == 1
   assert s["skipped"]["unknown_image_id"] == 1
   assert s["skipped"]["missing_bbox"] == 1
@@ -196,7 +200,7 @@ def test_bad_annotations_are_skipped_and_counted(tmp_path):
 def test_empty_result_fails_and_writes_nothing(tmp_path):
   spec = make_spec(tmp_path, min_kpts=100)
   with pytest.raises(SpecError, match="no records left"):
-    convert.convert(spec, str(tmp_path / "out" / "train"), "train", workers=1)
+    convert.convert(spec, str(tmp_path / "out" / "train"), "train", workers=1, no_masks=True)
   assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 
 
@@ -216,7 +220,8 @@ def test_check_files_drops_missing_and_undecodable_images(tmp_path):
   present = sorted(os.listdir(root / "train2017"))
   (root / "train2017" / present[0]).write_bytes(b"not a jpeg")
   spec = make_spec(tmp_path, root=str(root))
-  s = convert.convert(spec, str(tmp_path / "o"), "train", check_files=True, workers=2)
+  s = convert.convert(spec, str(tmp_path / "o"), "train", check_files=True, workers=2,
+                      no_masks=True)
   ref = independent_count(os.path.join(COCO_MINI, ANN))
   d = json.load(open(os.path.join(COCO_MINI, ANN)))
   names = {im["id"]: im["file_name"] for im in d["images"]}
@@ -231,7 +236,7 @@ def test_check_files_drops_missing_and_undecodable_images(tmp_path):
 
 def test_partitions_and_shards(tmp_path):
   s = convert.convert(make_spec(tmp_path), str(tmp_path / "o"), "train", num_partitions=2,
-                      num_shards=2, workers=1)
+                      num_shards=2, workers=1, no_masks=True)
   assert s["files"] == ["o-fold-000-of-002-shard-00000-of-00002",
                         "o-fold-000-of-002-shard-00001-of-00002",
                         "o-fold-001-of-002-shard-00000-of-00002",
@@ -243,7 +248,7 @@ def test_partitions_and_shards(tmp_path):
 def test_cli_dataset_convert(tmp_path):
   spec = make_spec(tmp_path)
   cmd = [sys.executable, "-m", "bpnet_jax.cli", "dataset_convert", "-d", spec, "-o",
-         str(tmp_path / "r" / "train"), "--generate_masks", "--workers", "2"]
+         str(tmp_path / "r" / "train"), "--generate_masks", "--num_workers", "2"]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 0, r.stderr
   assert "records from" in r.stdout
@@ -251,3 +256,133 @@ def test_cli_dataset_convert(tmp_path):
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert r.returncode == 2 and "already exists" in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Strict masks, people beyond max_people, parallel conversion (issue 14), on a tiny synthetic
+# dataset (crowds and unlabelled people included).
+
+SYN_W, SYN_H, SYN_IMAGES = 96, 72, 10
+SYN_ANN = "annotations/person_keypoints_train.json"
+
+
+@pytest.fixture(scope="module")
+def syn(tmp_path_factory):
+  """A tiny synthetic COCO-layout dataset without masks: its data dir."""
+  data = str(tmp_path_factory.mktemp("syn") / "data")
+  synthetic.make_synthetic(data, SYN_IMAGES, seed=3, width=SYN_W, height=SYN_H,
+                           test_fraction=0, progress=False)
+  return data
+
+
+def syn_spec(data, tmp_path, masks):
+  """A spec of the synthetic data's train split with masks in `masks` (absolute)."""
+  d = coco_spec_dict(data, ("train", str(masks), SYN_ANN), None, min_size=8)
+  path = tmp_path / f"spec_{os.path.basename(str(masks))}.json"
+  path.write_text(json.dumps(d))
+  return str(path)
+
+
+def _tree(path):
+  """{relative path: bytes} of every file under path."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for f in files:
+      full = os.path.join(root, f)
+      out[os.path.relpath(full, path)] = open(full, "rb").read()
+  return out
+
+
+def test_missing_masks_fail_in_one_line_without_no_masks(syn, tmp_path):
+  spec = syn_spec(syn, tmp_path, tmp_path / "masks")
+  with pytest.raises(SpecError) as e:
+    convert.convert(spec, str(tmp_path / "out" / "train"), "train", workers=1)
+  msg = str(e.value)
+  d = json.load(open(os.path.join(syn, SYN_ANN)))
+  first = d["images"][0]      # every synthetic image has records; the first is named
+  assert "\n" not in msg and "split 'train'" in msg and f"image {first['id']}" in msg
+  assert first["file_name"] in msg and "--generate_masks" in msg and "--no_masks" in msg
+  stem = os.path.splitext(first["file_name"])[0]
+  assert str(tmp_path / "masks" / (stem + ".png")) in msg and stem + ".jpg" in msg
+  assert not (tmp_path / "out").exists() and not (tmp_path / "masks").exists()
+
+
+def test_cli_missing_masks_is_one_line_and_writes_nothing(syn, tmp_path, capsys):
+  spec = syn_spec(syn, tmp_path, tmp_path / "masks")
+  out = tmp_path / "r" / "train"
+  status = cli.main(["dataset_convert", "-d", spec, "-o", str(out), "--num_workers", "1"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert status == 2 and len(err) == 1
+  assert "bpnet dataset_convert: error:" in err[0] and "--no_masks" in err[0]
+  assert not (tmp_path / "r").exists()
+  status = cli.main(["dataset_convert", "-d", spec, "-o", str(out), "--no_masks",
+                     "--generate_masks"])
+  assert status == 2 and "contradict" in capsys.readouterr().err
+
+
+def test_no_masks_records_and_summary_say_so(syn, tmp_path, capsys):
+  spec = syn_spec(syn, tmp_path, tmp_path / "masks")
+  out = tmp_path / "r" / "train"
+  assert cli.main(["dataset_convert", "-d", spec, "-o", str(out), "--no_masks",
+                   "--num_workers", "1"]) == 0
+  assert "masks: none (--no_masks)" in capsys.readouterr().out
+  s = json.load(open(str(out) + ".summary.json"))
+  assert s["no_masks"] is True and s["masks"] == "none" and s["mask_sources"] == {"none": 10}
+  recs = records.read_records([str(out) + "-fold-000-of-001"])
+  assert recs and all(r["no_masks"] is True and r["mask_path"] == "" for r in recs)
+
+
+def test_existing_png_and_original_jpg_masks_are_used(syn, tmp_path):
+  masks = tmp_path / "masks"
+  spec = syn_spec(syn, tmp_path, masks)
+  convert.convert(spec, str(tmp_path / "gen" / "train"), "train", generate_masks=True,
+                  workers=1)
+  pngs = sorted(os.listdir(masks))
+  # Half the masks as the original TAO converter left them: lossy JPEG under the image's name.
+  for name in pngs[::2]:
+    m = cv2.imread(str(masks / name), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(masks / (name[:-4] + ".jpg")), m, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    os.remove(masks / name)
+  s = convert.convert(spec, str(tmp_path / "out" / "train"), "train", workers=1)
+  assert s["masks"] == "files" and s["no_masks"] is False
+  assert s["mask_sources"] == {"jpg": len(pngs[::2]), "png": len(pngs[1::2])}
+  recs = records.read_records([str(tmp_path / "out" / "train-fold-000-of-001")])
+  stems = {n[:-4]: n for n in os.listdir(masks)}
+  for r in recs:
+    stem = os.path.splitext(os.path.basename(r["image_path"]))[0]
+    assert r["mask_path"] == os.path.join(str(masks), stems[stem]) and not r["no_masks"]
+
+
+def test_max_people_overflow_is_counted(syn, tmp_path):
+  spec = syn_spec(syn, tmp_path, tmp_path / "masks")
+  s = convert.convert(spec, str(tmp_path / "o"), "train", workers=1, no_masks=True,
+                      max_people=2)
+  recs = records.read_records([str(tmp_path / "o-fold-000-of-001")])
+  people = [len(r["joints"]) for r in recs]          # records keep every person
+  assert s["max_people"] == 2 and s["records_over_max_people"] == sum(n > 2 for n in people)
+  assert s["people_over_max_people"] == sum(max(0, n - 2) for n in people) > 0
+  default = convert.convert(spec, str(tmp_path / "d"), "train", workers=1, no_masks=True)
+  assert default["max_people"] == default_config().dataloader.max_people
+  assert default["people_over_max_people"] == 0
+
+
+def test_parallel_conversion_equals_serial_byte_for_byte(syn, tmp_path, monkeypatch):
+  monkeypatch.setattr(convert, "MIN_IMAGES_FOR_WORKERS", 1)     # workers even for 10 images
+  in_this_process = []
+  real = convert.convert_image
+  monkeypatch.setattr(convert, "convert_image",
+                      lambda ctx, job: in_this_process.append(job.image_id) or real(ctx, job))
+  masks, out = tmp_path / "masks", tmp_path / "out"
+  spec = syn_spec(syn, tmp_path, masks)
+  outputs = {}
+  for workers in (1, 2):      # the same paths both times: records name their masks' paths
+    in_this_process.clear()
+    convert.convert(spec, str(out / "train"), "train", generate_masks=True, num_partitions=2,
+                    workers=workers)
+    assert len(in_this_process) == (SYN_IMAGES if workers == 1 else 0)   # 2: all in workers
+    outputs[workers] = (_tree(out), _tree(masks))
+    shutil.rmtree(out)
+    shutil.rmtree(masks)
+  (recs1, masks1), (recs2, masks2) = outputs[1], outputs[2]
+  assert len(masks1) == SYN_IMAGES and len(recs1) == 3       # 2 record files + the summary
+  assert recs1 == recs2 and masks1 == masks2

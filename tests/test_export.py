@@ -25,9 +25,10 @@ PLAIN_OPS = {"Conv", "Relu", "Concat", "Mul", "Add", "Sigmoid", "Tanh", "Transpo
              "Gather", "Shape", "Squeeze", "Unsqueeze"}
 
 
-def tiny(attention=False):
+def tiny(attention=False, downsampling="strided_conv"):
   c = demo.get_config()
   c.model.use_self_attention = attention
+  c.model.backbone_downsampling = downsampling
   m = model_lib.build_model(c.model, SK)
   v = model_lib.init_variables(m, jax.random.key(1), 64, 64)
   # Non-trivial BatchNorm statistics (small, both signs), so folding mistakes would show.
@@ -234,6 +235,24 @@ def test_int8_qdq_model_cache_and_calibration_data(tmp_path):
   with pytest.raises(E.ExportError, match="not a TensorRT calibration cache"):
     int8.read_trt_cache(str(tmp_path / "bad.bin"))
   assert onnx.load(str(tmp_path / "m8.fp32.onnx")).graph.node
+
+
+def test_max_pool_backbone_exports_and_quantizes(tmp_path):
+  # The VGG19 layout (2x2 max pools, stride-1 convs): fp32 parity and an int8 Q/DQ model close
+  # to it in ONNX Runtime (pruning: tests/test_prune.py).
+  c, m, v = tiny(downsampling="max_pool")
+  x = np.random.default_rng(2).uniform(-0.5, 0.5, (4, 64, 96, 3)).astype(np.float32)
+  r = E.export(c, v, str(tmp_path / "m.onnx"), input_dims=(64, 96))
+  assert r["parity"]["max_abs_diff"] < 1e-4 and r["ops"]["MaxPool"] == 3
+  assert set(r["ops"]) <= PLAIN_OPS | {"MaxPool"}, r["ops"]
+  cal = {"data": lambda: x, "batch_size": 2, "method": "percentile",
+         "cache_file": str(tmp_path / "cal.bin")}
+  E.export(c, v, str(tmp_path / "m8.onnx"), input_dims=(64, 96), data_type="int8",
+           calibration=cal)
+  ref = [np.asarray(a) for a in E.inference_fn(m, v)(x[:1])]
+  got = ort_session(str(tmp_path / "m8.onnx")).run(None, {"input_1": x[:1]})
+  for a, b in zip(got, ref):
+    assert np.abs(a - b).max() < 0.1 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
 
 
 def test_engine_without_tensorrt_fails_clearly_after_the_onnx(tmp_path):

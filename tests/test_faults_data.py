@@ -138,16 +138,38 @@ def test_all_ignored_batch_has_zero_loss_and_zero_gradient(synth, tmp_path):
   assert all(not np.asarray(x).any() for x in g)
 
 
-def test_missing_mask_file_still_falls_back_to_all_valid(synth, tmp_path):
+def test_a_mask_the_record_names_must_be_usable(synth, tmp_path):
+  """Missing, undecodable or wrongly sized: a one-line DataError naming the file (never an
+  all-valid mask, and not an ignored sample: see docs/reliability.md)."""
   data, _, recs = synth
   copy = tmp_path / "data"
   shutil.copytree(data, copy)
-  rec = records.decode(_raw_records(recs)[0])
-  os.remove(copy / rec["mask_path"])
-  s = _decoder(str(copy))(_raw_records(recs)[0])
-  assert int(s["valid"]) == 1
-  h, w = s["size"]
-  assert int(s["has_mask"]) == 0 and (ip.unpack_mask(s)[:h, :w] == 255).all()
+  raw = _raw_records(recs)[0]
+  rec = records.decode(raw)
+  mask = copy / rec["mask_path"]
+  dec = _decoder(str(copy))
+  cases = {"is missing": lambda: os.remove(mask),
+           "does not decode": lambda: mask.write_bytes(b"not a png"),
+           f"is {W // 2}x{H} px": lambda: cv2.imwrite(str(mask), np.zeros((H, W // 2), np.uint8))}
+  for problem, damage in cases.items():
+    damage()
+    with pytest.raises(DataError) as e:
+      dec((0, raw))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(mask)) and problem in msg, msg
+    assert f"record 0 (image {rec['image_id']})" in msg
+
+
+def test_missing_mask_stops_the_training_pipeline_naming_the_file(synth, tmp_path):
+  data, _, recs = synth
+  copy = tmp_path / "data"
+  shutil.copytree(data, copy)
+  first = records.decode(_raw_records(recs)[0])
+  os.remove(copy / first["mask_path"])
+  ds = ip.build_dataset([recs], _decoder(str(copy)), seed=0, shuffle_buffer_size=0,
+                        shuffle=False)
+  with pytest.raises(DataError, match=str(copy / first["mask_path"])):
+    next(ip.make_iterator(ds, 2, num_workers=0))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 import json
+import logging
 import os
+import shutil
 
 import cv2
 import jax
@@ -181,3 +183,50 @@ def test_auto_num_workers_scales_with_cores_on_accelerators():
   assert ip.auto_num_workers("gpu", 16) == 14
   assert ip.auto_num_workers("gpu", 2) == 1
   assert ip.auto_num_workers("tpu", 240) == 32
+
+
+def test_jpeg_masks_of_the_original_are_read_with_the_threshold(data, tmp_path, monkeypatch,
+                                                                 caplog):
+  """The original TAO converter's lossy `<stem>.jpg` masks: valid where >= MASK_THRESHOLD."""
+  _, a, _ = data
+  rec = records.read_records([a[2]])[0]
+  shutil.copy(os.path.join(a[0], rec["image_path"]), tmp_path / "img.jpg")
+  ignore = np.zeros((120, 160), bool)
+  ignore[33:87, 45:101] = True            # off the 8x8 JPEG blocks: ringing on every edge
+  ignore[10:20, 120:150] = True
+  expected = np.where(ignore, 0, 255).astype(np.uint8)
+  cv2.imwrite(str(tmp_path / "m.jpg"), expected, [cv2.IMWRITE_JPEG_QUALITY, 95])
+  jpeg = cv2.imread(str(tmp_path / "m.jpg"), cv2.IMREAD_GRAYSCALE)
+  assert not set(np.unique(jpeg)) <= {0, 255}                 # really lossy
+  raw = records.encode(dict(rec, image_path="img.jpg", mask_path="m.jpg"))
+  monkeypatch.setattr(ip, "_warned_grey_mask", False)
+  dec = ip.DecodeAndPad({"synA": str(tmp_path)}, "", (120, 160), 8, SK.num_joints)
+  with caplog.at_level(logging.WARNING, logger="bpnet.input"):
+    s = dec(raw)
+  assert int(s["has_mask"]) == 1
+  mask = ip.unpack_mask(s)[:120, :160]
+  np.testing.assert_array_equal(mask, np.where(jpeg >= ip.MASK_THRESHOLD, 255, 0))
+  np.testing.assert_array_equal(mask, expected)               # the regions come back exactly
+  assert not caplog.records                 # grey values are expected in a JPEG mask
+
+
+def test_training_without_masks_is_logged_once(data, tmp_path, caplog):
+  root, a, b = data
+  nm = str(tmp_path / "nomask")
+  convert.convert(a[1], nm, "train", no_masks=True, workers=1)
+  cfg = demo.get_config()
+  dc = cfg.dataloader.dataset_config
+  dc.train_records_folder_path = os.path.join(root, "records")
+  dc.train_records_path = ["synA-fold-000-of-001", nm + "-fold-000-of-001"]  # absolute: joined
+  dc.dataset_specs = {"synA": a[1], "synB": b[1]}
+  with caplog.at_level(logging.WARNING, logger="bpnet.input"):
+    ip.train_dataset_from_config(cfg, SK)
+  logged = [r.getMessage() for r in caplog.records if "without masks" in r.getMessage()]
+  assert len(logged) == 1
+  assert logged[0].startswith("training without masks of unlabelled people: nomask-fold")
+  assert "synA" not in logged[0]
+  caplog.clear()
+  dc.train_records_path = ["synA-fold-000-of-001"]
+  with caplog.at_level(logging.WARNING, logger="bpnet.input"):
+    ip.train_dataset_from_config(cfg, SK)
+  assert not caplog.records

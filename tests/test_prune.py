@@ -15,9 +15,10 @@ from configs import demo
 SK = load_skeleton()
 
 
-def tiny(arch="BpNetLiteModel", attention=False, stages=2):
+def tiny(arch="BpNetLiteModel", attention=False, stages=2, downsampling="strided_conv"):
   c = demo.get_config()
   c.model.architecture, c.model.use_self_attention, c.model.stages = arch, attention, stages
+  c.model.backbone_downsampling = downsampling
   m = model_lib.build_model(c.model, SK)
   return c, m, model_lib.init_variables(m, jax.random.key(0), 64, 64)
 
@@ -117,10 +118,11 @@ def zero_filters(v, graph, rng, fraction=0.5):
           "batch_stats": traverse_util.unflatten_dict(s, sep="/")}, zeroed
 
 
-@pytest.mark.parametrize("arch,attention", [("BpNetLiteModel", False), ("BpNetLiteModel", True),
-                                            ("BpNetModel", False)])
-def test_removing_zero_filters_keeps_the_outputs(arch, attention):
-  c, m, v = tiny(arch, attention)
+@pytest.mark.parametrize("arch,attention,downsampling", [
+    ("BpNetLiteModel", False, "strided_conv"), ("BpNetLiteModel", True, "strided_conv"),
+    ("BpNetModel", False, "strided_conv"), ("BpNetLiteModel", False, "max_pool")])
+def test_removing_zero_filters_keeps_the_outputs(arch, attention, downsampling):
+  c, m, v = tiny(arch, attention, downsampling=downsampling)
   graph = P.model_graph(m)
   v, zeroed = zero_filters(v, graph, np.random.default_rng(0))
   pruned, widths, layers = P.prune(v, graph, threshold=0.01, granularity=1, min_filters=1)

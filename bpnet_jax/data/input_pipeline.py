@@ -1,18 +1,25 @@
 """The training input pipeline: grain on the host, augmentation and targets on the device.
 
 Host (grain, worker processes): read a record (random access into ArrayRecord files), decode the
-JPEG and the mask PNG, turn a portrait image 90 degrees when that lets it onto the (landscape)
-canvas with less shrinking, shrink images still larger than the canvas, pad the image to the fixed
-canvas, pack the binary mask to bits (or send none: `has_mask`), pad the people to a fixed count,
-and batch -- each whole batch in one worker, straight into shared memory, so the main process
-copies nothing before the transfer. Shuffling is by index (globally, or in windows of
-`shuffle_buffer_size` records), reshuffled every epoch; the iterator state is the number of
-samples consumed, which checkpoints store, so a resumed run sees exactly the batches it would
-have seen (with any number of workers).
+JPEG and the mask (PNG, or the original's JPEG: valid from MASK_THRESHOLD up), turn a portrait
+image 90 degrees when that lets it onto the (landscape) canvas with less shrinking, shrink images
+still larger than the canvas, pad the image to the fixed canvas, pack the binary mask to bits
+(or send none: `has_mask`), pad the people to a fixed count, and batch -- each whole batch in
+one worker, straight into shared memory, so the main process copies nothing before the transfer.
+Shuffling is by index (globally, or in windows of `shuffle_buffer_size` records), reshuffled
+every epoch; the iterator state is the number of samples consumed, which checkpoints store, so a
+resumed run sees exactly the batches it would have seen (with any number of workers).
 
 Device: `augment.make_device_preprocess` turns a host batch into normalised images, labels and
 loss masks under jit + vmap; the host's turn is folded into the augmentation matrix there
 (`augment.fold_turn`), so the network sees the same input and labels as without it.
+
+Bad data, by kind: an image that cannot be read is an ignored sample (counted by
+`UnreadableGuard`: more than `dataloader.max_unreadable_fraction` of an epoch stops training); a
+mask that a record names but that is missing, does not decode or is not its image's size is a
+DataError at once, naming the file (training it as all-valid would teach crowds and unlabelled
+people as background, and dropping it would hide an incomplete mask folder); records converted
+with --no_masks train without masks, which `train_dataset_from_config` logs once.
 """
 
 from __future__ import annotations
@@ -49,9 +56,13 @@ _RECORD_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError,
                   msgpack.UnpackException)
 # Per person: (bytes per joint, per-person bytes besides joints) of each array field.
 _ARRAY_FIELDS = {"joints": (8, 0), "visibility": (1, 0), "centers": (0, 8), "scales": (0, 4)}
-# Mask pixels from this value up count as valid (255) when packed to bits; the converter writes
-# only 0 and 255, so for its masks the bits are exact.
+# Mask pixels from this value up count as valid (255) when packed to bits, below it as ignore.
+# The converter's PNG masks hold only 0 and 255, so their bits are exact; the original TAO
+# converter's JPEG masks (`<stem>.jpg`) hold values near 0 and 255 (ringing at edges), which the
+# midpoint splits back into the two classes.
 MASK_THRESHOLD = 128
+# Mask files stored lossily: grey values there are expected, not a sign of a foreign mask.
+LOSSY_MASK_SUFFIXES = (".jpg", ".jpeg")
 # Batches each decode worker keeps waiting in shared memory for the main process, besides the
 # one it decodes and one read ahead in its own memory (/dev/shm: ~workers x this x batch bytes).
 WORKER_BUFFER_BATCHES = 1
@@ -109,10 +120,11 @@ def mask_bytes_per_row(canvas_w: int) -> int:
 _warned_grey_mask = False
 
 
-def _pack_mask(mask: np.ndarray, out: np.ndarray) -> None:
-  """Packs a 0/255 mask (h, w) into the top-left of out (Hc, ceil(Wc / 8)): bit 1 = valid."""
+def _pack_mask(mask: np.ndarray, out: np.ndarray, lossy: bool = False) -> None:
+  """Packs a 0/255 mask (h, w) into the top-left of out (Hc, ceil(Wc / 8)): bit 1 = valid
+  (value >= MASK_THRESHOLD). lossy: a JPEG mask, whose grey values are expected (no warning)."""
   global _warned_grey_mask
-  if not _warned_grey_mask and cv2.countNonZero(cv2.inRange(mask, 1, 254)):
+  if not lossy and not _warned_grey_mask and cv2.countNonZero(cv2.inRange(mask, 1, 254)):
     _warned_grey_mask = True      # once per process: the data, not a sample, is the problem
     log.warning("a mask holds values other than 0 and 255; they are sent as valid from %d up "
                 "(masks are binary: dataset_convert writes 0 and 255)", MASK_THRESHOLD)
@@ -120,12 +132,32 @@ def _pack_mask(mask: np.ndarray, out: np.ndarray) -> None:
   out[:bits.shape[0], :bits.shape[1]] = bits
 
 
+def read_mask(path: str, image_hw, where: str) -> np.ndarray:
+  """The (h, w) uint8 mask file a record names, for an image of image_hw (h, w).
+
+  A DataError in one line naming the file when it is missing, does not decode, or is not the
+  image's size: a record that names a mask is never trained as all-valid.
+  """
+  # Checked first so that OpenCV does not print its own warning for a missing file.
+  mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE) if os.path.exists(path) else None
+  if mask is None:
+    problem = "does not decode" if os.path.exists(path) else "is missing"
+  elif mask.shape != tuple(image_hw):
+    problem = (f"is {mask.shape[1]}x{mask.shape[0]} px, its image "
+               f"{image_hw[1]}x{image_hw[0]}")
+  else:
+    return mask
+  raise DataError(f"{path}: the mask of {where} {problem}; restore the masks dir, or convert "
+                  "again with dataset_convert (--generate_masks, or --no_masks to train without "
+                  "masks)")
+
+
 class DecodeAndPad:
   """Record bytes, or (record index, bytes), -> one fixed-shape numpy sample.
 
   Keys: those `augment.preprocess_sample` reads -- image (Hc, Wc, 3) uint8 canvas, mask_bits
   (Hc, ceil(Wc / 8)) uint8 (the mask's rows as `np.packbits`, 1 = valid; all zero when
-  has_mask is 0), has_mask () uint8 (0: the record has no mask, or it could not be read: every
+  has_mask is 0), has_mask () uint8 (0: the record has no mask, mask_path '': every
   pixel is valid), rotated () uint8 (1: the image is on the canvas turned 90 degrees clockwise,
   in its top-left (w, h); see `canvas_fit`, `augment.fold_turn`), size (2,) int32 (h, w of the
   image upright, after any shrinking: the frame of the joints), joints (P, J, 2) float32 px,
@@ -138,7 +170,8 @@ class DecodeAndPad:
   A record's image_path / mask_path must resolve inside its dataset's root or a directory its
   spec declares (`dirs`: {dataset: absolute dirs}; `dataset_spec.resolve_inside`); otherwise, or
   when its fields do not fit together, a DataError names the record (damaged data is not skipped
-  silently: it stops training).
+  silently: it stops training). So does a mask the record names that cannot be used
+  (`read_mask`); masks are read with MASK_THRESHOLD (JPEG masks too).
   """
 
   def __init__(self, roots: dict, default_root: str, canvas_hw, max_people: int,
@@ -216,10 +249,8 @@ class DecodeAndPad:
                   valid=np.uint8(0), **ids)
     mask = None
     if mpath:
-      mask = cv2.imread(mpath, cv2.IMREAD_GRAYSCALE)
-      if mask is None or mask.shape != image.shape[:2]:
-        log.warning("%s: mask missing or of the wrong size; using an all-valid mask", mpath)
-        mask = None
+      mask = read_mask(mpath, image.shape[:2], f"record {index} (image {rec['image_id']})"
+                       if index >= 0 else f"the record of image {rec['image_id']}")
     h, w = image.shape[:2]
     n = min(rec["num_people"], p)
     rj, rc, rs = rec["joints"][:n], rec["centers"][:n], rec["scales"][:n]
@@ -247,7 +278,7 @@ class DecodeAndPad:
     if not np.shares_memory(res, roi):      # OpenCV wrote elsewhere: copy it over
       roi[...] = res
     if mask is not None:
-      _pack_mask(mask, out_bits)
+      _pack_mask(mask, out_bits, lossy=mpath.lower().endswith(LOSSY_MASK_SUFFIXES))
     joints[:n], vis[:n], centers[:n], scales[:n] = rj, rec["visibility"][:n], rc, rs
     return dict(image=out_image, mask_bits=out_bits, has_mask=np.uint8(mask is not None),
                 rotated=np.uint8(turn), size=np.array([h, w], np.int32), joints=joints,
@@ -514,11 +545,42 @@ def unreadable_guard_from_config(config, skeleton, steps_per_epoch: int, batch_s
                          RecordImagePaths(paths, decoder_from_config(config, skeleton)))
 
 
+def files_without_masks(record_paths: Sequence[str]) -> list[str]:
+  """The record files whose records carry no mask (converted with --no_masks, or by an older
+  version without masks), judged by each file's first record: a conversion gives all its
+  records a mask or none."""
+  out = []
+  for path in record_paths:
+    try:
+      source = array_record_data_source.ArrayRecordDataSource([path])
+      if len(source) and records_lib.decode(source[0])["no_masks"]:
+        out.append(path)
+    except Exception:  # Only for a log line: damaged files are reported where they are read.
+      continue
+  return out
+
+
+def log_training_without_masks(record_paths: Sequence[str]) -> list[str]:
+  """Logs (one warning) which training record files have no masks; returns them."""
+  without = files_without_masks(record_paths)
+  if without:
+    names = ", ".join(os.path.basename(p) for p in without[:3])
+    more = f" and {len(without) - 3} more" if len(without) > 3 else ""
+    log.warning("training without masks of unlabelled people: %s%s hold records converted "
+                "with --no_masks, so crowds and people without keypoints count as background "
+                "there", names, more)
+  return without
+
+
 def train_dataset_from_config(config, skeleton, process_index: int = 0, process_count: int = 1):
-  """The training MapDataset of this process's samples, from `config.dataloader`."""
+  """The training MapDataset of this process's samples, from `config.dataloader`.
+
+  Logs once (`log_training_without_masks`) when record files have no masks.
+  """
   d = config.dataloader
   paths = resolve_record_paths(d.dataset_config.train_records_folder_path,
                                d.dataset_config.train_records_path)
+  log_training_without_masks(paths)
   if d.batch_size % process_count:
     raise ValueError(f"dataloader.batch_size {d.batch_size} is not divisible by the "
                      f"{process_count} processes")

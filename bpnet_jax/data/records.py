@@ -5,6 +5,8 @@ grain's index-shuffled, checkpointable pipeline needs. A record holds:
 
   image_id, height, width     COCO image id and the JSON's image size (pixels)
   image_path, mask_path       relative to the dataset root; mask_path '' means "no mask: all valid"
+  no_masks                    True when converted with --no_masks (then mask_path is ''); records
+                              of older conversions lack it (their '' mask_path meant the same)
   dataset                     dataset name (selects the root directory when datasets are mixed)
   skeleton                    name of the skeleton the joints are expressed in
   joints  (N, J, 2) float32   x, y in source-image pixels (pixel-centre convention)
@@ -46,7 +48,8 @@ def encode(rec: dict) -> bytes:
   n, j, _ = joints.shape
   out = {k: rec[k] for k in ("image_id", "height", "width", "image_path", "mask_path", "dataset",
                              "skeleton", "person_idx")}
-  out.update(num_people=n, num_joints=j, joints=joints.tobytes(),
+  out.update(no_masks=bool(rec.get("no_masks", False)), num_people=n, num_joints=j,
+             joints=joints.tobytes(),
              visibility=np.ascontiguousarray(rec["visibility"], np.uint8).tobytes(),
              centers=np.ascontiguousarray(rec["centers"], np.float32).tobytes(),
              scales=np.ascontiguousarray(rec["scales"], np.float32).tobytes())
@@ -60,6 +63,7 @@ def decode(data: bytes) -> dict:
   rec["visibility"] = np.frombuffer(rec["visibility"], np.uint8).reshape(n, j)
   rec["centers"] = np.frombuffer(rec["centers"], np.float32).reshape(n, 2)
   rec["scales"] = np.frombuffer(rec["scales"], np.float32).reshape(n)
+  rec.setdefault("no_masks", rec.get("mask_path") == "")    # older records: see the docstring
   return rec
 
 

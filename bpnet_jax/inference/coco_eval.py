@@ -17,6 +17,7 @@ import json
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -25,6 +26,7 @@ from bpnet_jax import fileio
 from bpnet_jax.data.dataset_spec import resolve_inside
 from bpnet_jax.errors import DataError
 from bpnet_jax.inference import detections
+from bpnet_jax.inference.predictor import Predictor
 from bpnet_jax.inference.preprocess import read_image
 from bpnet_jax.skeleton import Skeleton
 
@@ -106,6 +108,29 @@ def load_coco(path: str) -> COCO:
     raise DataError(f"{path}: not a COCO annotation file ({type(e).__name__}: {e})") from None
 
 
+def _image_paths(gt: COCO, annotations: str, images_dir: str) -> dict:
+  """{image id: path} of every image of `gt`, each checked to stay inside images_dir."""
+  return {i: resolve_inside(images_dir, gt.imgs[i]["file_name"],
+                            f"{annotations}: image {i}: file_name") for i in sorted(gt.getImgIds())}
+
+
+def _predict_all(predictor, paths: dict, progress: bool, batch_size: int, workers: int):
+  """({image id: people}, [skip reasons]) of `predictor` over `paths` {image id: path}."""
+  people_by_image, skipped = {}, []
+  bar = detections.progress_bar(len(paths), progress)
+  stream = predictor.predict_iter(list(paths), load=lambda i: read_image(paths[i]),
+                                  batch_size=batch_size, workers=workers)
+  for image_id, people, err in stream:
+    bar.update(1)
+    if err is not None:
+      skipped.append(str(err))
+      bar.write(f"warning: skipped {err}")
+      continue
+    people_by_image[image_id] = people
+  bar.close()
+  return people_by_image, skipped
+
+
 def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: str,
                      progress: bool = True, verbose: bool = True, batch_size: int = 1,
                      workers: int = 2) -> dict:
@@ -117,22 +142,44 @@ def evaluate_dataset(predictor, annotations: str, images_dir: str, results_dir: 
   {"metrics", "images", "skipped", "people"}.
   """
   gt = load_coco(annotations)
-  ids = sorted(gt.getImgIds())
-  paths = {i: resolve_inside(images_dir, gt.imgs[i]["file_name"],
-                             f"{annotations}: image {i}: file_name") for i in ids}
-  people_by_image, skipped = {}, []
-  bar = detections.progress_bar(len(ids), progress)
-  for image_id, people, err in predictor.predict_iter(ids, load=lambda i: read_image(paths[i]),
-                                                      batch_size=batch_size, workers=workers):
-    bar.update(1)
-    if err is not None:
-      skipped.append(str(err))
-      bar.write(f"warning: skipped {err}")
-      continue
-    people_by_image[image_id] = people
-  bar.close()
+  paths = _image_paths(gt, annotations, images_dir)
+  people_by_image, skipped = _predict_all(predictor, paths, progress, batch_size, workers)
   results = coco_results(people_by_image, predictor.skeleton)
   metrics = coco_eval(gt, results, verbose)
   write_results(results_dir, metrics, results)
   return {"metrics": metrics, "images": len(people_by_image), "skipped": skipped,
           "people": len(results)}
+
+
+class CocoEvaluator:
+  """COCO keypoint AP/AR of model variables held in memory (evaluation during training).
+
+    evaluator = CocoEvaluator(config, skeleton, annotations, images_dir)
+    metrics = evaluator({"params": ..., "batch_stats": ...})     # {AP, AP50, ..., ARl}
+
+  The ground truth and image paths are read once and one Predictor is kept, so every call
+  after the first reuses the compiled network (its variables are swapped, not re-traced): the
+  same post-processing and pycocotools evaluation as `bpnet evaluate`, without a checkpoint
+  reload. Variables are copied to one device first, so a state replicated over a training mesh
+  evaluates once, not once per device.
+  """
+
+  def __init__(self, config, skeleton, annotations: str, images_dir: str, batch_size: int = 1,
+               workers: int = 2):
+    self.config, self.skeleton = config, skeleton
+    self.gt = load_coco(annotations)
+    self.paths = _image_paths(self.gt, annotations, images_dir)
+    self.batch_size, self.workers = batch_size, workers
+    self.predictor = None
+    self.last_skipped: list[str] = []
+
+  def __call__(self, variables) -> dict:
+    variables = jax.device_put(variables, jax.local_devices()[0])
+    if self.predictor is None:
+      self.predictor = Predictor.from_variables(self.config, variables, self.skeleton,
+                                                name="training state")
+    else:
+      self.predictor.backend.variables = variables
+    people_by_image, self.last_skipped = _predict_all(self.predictor, self.paths, False,
+                                                      self.batch_size, self.workers)
+    return coco_eval(self.gt, coco_results(people_by_image, self.skeleton), verbose=False)
