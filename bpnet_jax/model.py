@@ -233,7 +233,7 @@ def _apply_layer(layer: Layer, opts: _ConvOptions, env: dict, train: bool):
   x = jnp.concatenate([env[p] for p in layer.inputs], axis=-1) if len(layer.inputs) > 1 \
       else env[layer.inputs[0]]
   if layer.pool_before:
-    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
   backbone = layer.path.startswith("backbone/")
   y = Conv(dict(opts.widths)[layer.path], layer.kernel, layer.stride,
            padding=conv_padding(opts.padding, layer.kernel, layer.stride),

@@ -215,12 +215,14 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(synth_records, tmp_pat
 
 
 def test_command_line_overrides_reach_the_saved_config(synth_records, tmp_path):
+  # (an inference key: the override path is what is tested, and the training step stays the
+  # one the other tests compiled)
   p = _run_main(str(tmp_path), synth_records, ["--config.trainer.num_epoch=1",
-                                               "--config.model.use_self_attention=True"])
+                                               "--config.inference.heatmap_threshold=0.25"])
   out, err = p.communicate(timeout=300)
   assert p.returncode == 0, err[-3000:]
   saved = json.load(open(tmp_path / "config.json"))
-  assert saved["trainer"]["num_epoch"] == 1 and saved["model"]["use_self_attention"] is True
+  assert saved["trainer"]["num_epoch"] == 1 and saved["inference"]["heatmap_threshold"] == 0.25
   assert "trained to step" in out
 
 
