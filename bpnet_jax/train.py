@@ -427,6 +427,7 @@ class _Evaluation:
     self.best_dir = os.path.join(workdir, "checkpoints", BEST)
     self.history: list[dict] = []
     self.evaluator = None
+    self.best_ap = -1.0
     if not self.every:
       return
     if jax.process_count() > 1:
@@ -439,7 +440,8 @@ class _Evaluation:
     self.evaluator = CocoEvaluator(config, job.skeleton, split.annotations, split.images_dir,
                                    ev.batch_size, ev.workers)
     best = os.path.join(self.best_dir, BEST_FILE)
-    self.best_ap = fileio.read_json(best)["metrics"]["AP"] if os.path.exists(best) else -1.0
+    if os.path.exists(best):                      # a resumed run keeps the best so far
+      self.best_ap = fileio.read_json(best)["metrics"]["AP"]
 
   def due(self, step: int) -> bool:
     return self.evaluator is not None and (step % self.every == 0 or step == self.last_step)

@@ -171,7 +171,6 @@ class CocoEvaluator:
     self.paths = _image_paths(self.gt, annotations, images_dir)
     self.batch_size, self.workers = batch_size, workers
     self.predictor = None
-    self.last_skipped: list[str] = []
 
   def __call__(self, variables) -> dict:
     variables = jax.device_put(variables, jax.local_devices()[0])
@@ -180,6 +179,6 @@ class CocoEvaluator:
                                                 name="training state")
     else:
       self.predictor.backend.variables = variables
-    people_by_image, self.last_skipped = _predict_all(self.predictor, self.paths, False,
-                                                      self.batch_size, self.workers)
+    people_by_image, _ = _predict_all(self.predictor, self.paths, False, self.batch_size,
+                                      self.workers)
     return coco_eval(self.gt, coco_results(people_by_image, self.skeleton), verbose=False)
